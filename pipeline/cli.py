@@ -1,0 +1,141 @@
+"""``medseg``: argument parsing only; the work is done by the functions it calls."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs to config overrides; values are read as YAML, so ``lr=1e-4`` is a number.
+
+    ``::`` separates nested ids, as in ``train::trainer::max_epochs=5``.
+    """
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"medseg: override {pair!r} is not key=value")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pipeline.workflows import train
+
+    models = train(args.bundle, args.data, args.output, args.epochs, parse_overrides(args.overrides))
+    print(f"checkpoints: {models}")
+
+
+def _infer(args: argparse.Namespace) -> None:
+    from pipeline.workflows import infer
+
+    checkpoint = args.checkpoint or Path("outputs") / args.bundle / "models" / "model.pt"
+    out = infer(args.bundle, args.input, args.output, checkpoint, parse_overrides(args.overrides))
+    print(f"segmentations: {out}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from pipeline.evaluation import read_metric_means
+    from pipeline.workflows import evaluate
+
+    checkpoint = args.checkpoint or Path("outputs") / args.bundle / "models" / "model.pt"
+    output = args.output or Path("outputs") / args.bundle / f"evaluation_{args.split}"
+    out = evaluate(args.bundle, args.data, output, checkpoint, args.split, parse_overrides(args.overrides))
+    for name, value in read_metric_means(out).items():
+        print(f"{name}: {value:.4f}")
+    print(f"per-case metrics: {out}")
+
+
+def _overlay(args: argparse.Namespace) -> None:
+    from pipeline.visualisation import save_overlay
+
+    print(save_overlay(args.image, args.seg, args.output, label=args.label, modality=args.modality))
+
+
+def _download(args: argparse.Namespace) -> None:
+    from pipeline.data.download import download_msd
+
+    print(download_msd(args.name, Path(args.root)))
+
+
+def _bundles(_: argparse.Namespace) -> None:
+    from pipeline.workflows import available_bundles
+
+    print("\n".join(available_bundles()))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from pipeline.demo import run_demo
+
+    run_demo(Path(args.output), epochs=args.epochs)
+
+
+def _add_run_commands(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="train a bundle on a datalist (rerun to resume)")
+    train.add_argument("bundle")
+    train.add_argument("--data", required=True, help="MSD-style datalist JSON")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--output", default=None, help="run folder (default outputs/<bundle>)")
+    train.set_defaults(func=_train)
+
+    infer = commands.add_parser("infer", help="segment NIfTI files or folders")
+    infer.add_argument("bundle")
+    infer.add_argument("--input", nargs="+", required=True)
+    infer.add_argument("--output", required=True)
+    infer.add_argument("--checkpoint", help="default outputs/<bundle>/models/model.pt")
+    infer.set_defaults(func=_infer)
+
+    evaluate = commands.add_parser("evaluate", help="Dice and IoU per case and class on a datalist split")
+    evaluate.add_argument("bundle")
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--split", default="validation", choices=["validation", "test", "train", "all"])
+    evaluate.add_argument("--checkpoint")
+    evaluate.add_argument("--output")
+    evaluate.set_defaults(func=_evaluate)
+    for command in (train, infer, evaluate):
+        command.add_argument("overrides", nargs="*", metavar="key=value", help="override any config id")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(commands)
+
+    overlay = commands.add_parser("overlay", help="colour overlay PNG of a segmentation")
+    overlay.add_argument("image")
+    overlay.add_argument("seg")
+    overlay.add_argument("--label", help="ground truth, shown beside the prediction with the Dice")
+    overlay.add_argument("--modality", default="MRI")
+    overlay.add_argument("-o", "--output", required=True)
+    overlay.set_defaults(func=_overlay)
+
+    download = commands.add_parser("download", help="fetch a standard dataset (e.g. msd-spleen)")
+    download.add_argument("name")
+    download.add_argument("--root", default="data/msd")
+    download.set_defaults(func=_download)
+
+    commands.add_parser("bundles", help="list the bundles").set_defaults(func=_bundles)
+
+    demo = commands.add_parser("demo", help="prepare the sample data, train, infer, evaluate, track")
+    demo.add_argument("--output", default="outputs/demo")
+    demo.add_argument("--epochs", type=int, default=None)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "train" and args.output is None:
+        args.output = str(Path("outputs") / args.bundle)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Training-time handlers that MONAI's bundles name in their configs."""
+
+from pipeline.training.checkpoints import TrainingCheckpoints
+from pipeline.training.progress import ProgressLogger
+
+__all__ = ["ProgressLogger", "TrainingCheckpoints"]

@@ -1,0 +1,120 @@
+"""Run a bundle's train, inference or evaluate workflow through ``monai.bundle``.
+
+A bundle's workflow is the composition of the shared workflow files in ``bundles/common/``
+with the bundle's own ``configs/model.yaml``; ``config_files`` is the one place that knows
+the order, and the bundles' docs give the same lists for plain ``python -m monai.bundle run``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import run as run_bundle_config
+
+from pipeline.tracking import PROJECT_ROOT
+
+BUNDLES_DIR = PROJECT_ROOT / "bundles"
+COMMON_DIR = BUNDLES_DIR / "common"
+LOGGING_FILE = COMMON_DIR / "logging.conf"
+WORKFLOW_FILES: dict[str, tuple[str, ...]] = {
+    "train": ("base.yaml", "train.yaml"),
+    "inference": ("base.yaml", "inference.yaml"),
+    "evaluate": ("base.yaml", "inference.yaml", "evaluate.yaml"),
+}
+MODEL_FILE = "configs/model.yaml"
+
+
+def available_bundles() -> list[str]:
+    return sorted(p.parent.parent.name for p in BUNDLES_DIR.glob(f"*/{MODEL_FILE}"))
+
+
+def bundle_dir(name: str) -> Path:
+    folder = BUNDLES_DIR / name
+    if not (folder / MODEL_FILE).is_file():
+        raise ValueError(f"unknown bundle {name!r}; available: {', '.join(available_bundles())}")
+    return folder
+
+
+def config_files(name: str, workflow: str) -> list[str]:
+    """Shared workflow files first, the bundle's model last, so the bundle's choices win."""
+    if workflow not in WORKFLOW_FILES:
+        raise ValueError(f"unknown workflow {workflow!r}; one of {', '.join(WORKFLOW_FILES)}")
+    return [str(COMMON_DIR / f) for f in WORKFLOW_FILES[workflow]] + [str(bundle_dir(name) / MODEL_FILE)]
+
+
+def run_workflow(
+    name: str, workflow: str, overrides: Mapping[str, Any] | None = None, tracking: bool = True
+) -> None:
+    """Run one workflow in this process; ``overrides`` maps config ids to values, as ``--id value`` does."""
+    folder = bundle_dir(name)
+    run_bundle_config(
+        meta_file=str(folder / "configs" / "metadata.json"),
+        config_file=config_files(name, workflow),
+        logging_file=str(LOGGING_FILE),
+        tracking="mlflow" if tracking else None,
+        bundle_root=str(folder),
+        **dict(overrides or {}),
+    )
+
+
+def train(
+    name: str,
+    datalist: str | Path,
+    output_dir: str | Path,
+    epochs: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    tracking: bool = True,
+) -> Path:
+    """Train a bundle; checkpoints go to ``<output_dir>/models``. Rerunning resumes. Returns that folder."""
+    output_dir = Path(output_dir).resolve()
+    settings: dict[str, Any] = {
+        "datalist": str(Path(datalist).resolve()),
+        "output_dir": str(output_dir),
+        "ckpt_dir": str(output_dir / "models"),
+    }
+    if epochs is not None:
+        settings["max_epochs"] = int(epochs)
+    run_workflow(name, "train", {**settings, **dict(overrides or {})}, tracking)
+    return output_dir / "models"
+
+
+def infer(
+    name: str,
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    checkpoint: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    tracking: bool = False,
+) -> Path:
+    """Segment the inputs into ``<output_dir>/<case>_seg.nii.gz``; returns ``output_dir``."""
+    output_dir = Path(output_dir).resolve()
+    settings = {
+        "input": [str(Path(p).resolve()) for p in inputs],
+        "output_dir": str(output_dir),
+        "checkpoint": str(Path(checkpoint).resolve()),
+    }
+    run_workflow(name, "inference", {**settings, **dict(overrides or {})}, tracking)
+    return output_dir
+
+
+def evaluate(
+    name: str,
+    datalist: str | Path,
+    output_dir: str | Path,
+    checkpoint: str | Path,
+    split: str = "validation",
+    overrides: Mapping[str, Any] | None = None,
+    tracking: bool = True,
+) -> Path:
+    """Score the bundle on a datalist split; ``metrics.csv`` and per-case CSVs go to ``output_dir``."""
+    output_dir = Path(output_dir).resolve()
+    settings = {
+        "datalist": str(Path(datalist).resolve()),
+        "output_dir": str(output_dir),
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "eval_split": split,
+    }
+    run_workflow(name, "evaluate", {**settings, **dict(overrides or {})}, tracking)
+    return output_dir

@@ -1,0 +1,70 @@
+"""Shared fixtures: small real NIfTI datasets written to disk, and the shared data folder when present."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# A non-RAS, anisotropic affine (LPS-like axes, 1.2 x 1.2 x 1.5 mm) so that any test relying on
+# "same shape and affine as the input" would catch a lost flip or spacing.
+PHANTOM_AFFINE = np.array(
+    [[-1.2, 0.0, 0.0, 30.0], [0.0, -1.2, 0.0, 25.0], [0.0, 0.0, 1.5, -20.0], [0.0, 0.0, 0.0, 1.0]]
+)
+
+
+def phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """An MRI-like volume: an ellipsoid 'organ' (class 1) with a brighter core (class 2), and noise."""
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
+    centre = np.array(shape) / 2 + rng.uniform(-3, 3, size=3)
+    radii = np.array(shape) * rng.uniform(0.25, 0.35, size=3)
+    distance = np.sqrt((((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0))
+    label = np.zeros(shape, np.uint8)
+    label[distance < 1.0] = 1
+    label[distance < 0.5] = 2
+    image = np.where(label == 1, 400.0, 0.0) + np.where(label == 2, 800.0, 0.0) + 100.0 * (distance < 1.6)
+    image = image + rng.normal(0, 30, size=shape)
+    return image.astype(np.float32), label
+
+
+def write_dataset(root: Path, num_cases: int = 4, shape: tuple[int, int, int] = (40, 44, 36)) -> Path:
+    """An MSD-style dataset of phantoms; fold = index % 2, one extra labelled test case."""
+    rng = np.random.default_rng(7)
+    entries = []
+    for index in range(num_cases + 1):
+        image, label = phantom(shape, rng)
+        folder = "Ts" if index == num_cases else "Tr"
+        name = f"case_{index:03d}.nii.gz"
+        for kind, data in (("images", image), ("labels", label)):
+            (root / f"{kind}{folder}").mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(data, PHANTOM_AFFINE), root / f"{kind}{folder}" / name)
+        entries.append(
+            {"image": f"images{folder}/{name}", "label": f"labels{folder}/{name}", "fold": index % 2}
+        )
+    datalist = {
+        "name": "phantoms",
+        "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "organ", "2": "core"},
+        "training": entries[:-1],
+        "test": [{k: v for k, v in entries[-1].items() if k != "fold"}],
+    }
+    path = root / "datalist.json"
+    path.write_text(json.dumps(datalist, indent=2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def phantom_datalist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("phantoms"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared sample data not found at {SHARED_DATA} (only present beside a project checkout)")
+    return SHARED_DATA
