@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipeline.io.checkpoint import CheckpointError
+
+
+def parse_value(text: str) -> Any:
+    """A YAML value, except that ``1e-4`` is a number (YAML 1.1 wants ``1.0e-4``)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` pairs to config overrides; values are read as YAML, so ``lr=1e-4`` is a number.
-
-    ``::`` separates nested ids, as in ``train::trainer::max_epochs=5``.
-    """
+    """``key=value`` pairs to overrides; ``::`` separates nested ids (``train::trainer::amp=false``)."""
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"medseg: override {pair!r} is not key=value")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = parse_value(value)
     return overrides
 
 
@@ -99,7 +110,10 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--output")
     evaluate.set_defaults(func=_evaluate)
     for command in (train, infer, evaluate):
-        command.add_argument("overrides", nargs="*", metavar="key=value", help="override any config id")
+        command.epilog = (
+            "Any config id can be overridden with trailing key=value arguments (learning_rate=3e-4)."
+        )
+        command.set_defaults(takes_overrides=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,11 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Warnings that say nothing to a medseg user: the bundles run here are this project's own, and
+# the optional GPU DICOM decoder is not expected on most machines.
+QUIET_WARNINGS = (r".*is from a source you trust.*", r".*nvImageCodec.*")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     if getattr(args, "command", None) == "train" and args.output is None:
         args.output = str(Path("outputs") / args.bundle)
-    args.func(args)
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError, CheckpointError) as error:
+        print(f"medseg: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

