@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import warnings
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.export import add_export_command
 from pipeline.io.checkpoint import CheckpointError
 
 
@@ -39,7 +41,8 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 def _train(args: argparse.Namespace) -> None:
     from pipeline.workflows import train
 
-    models = train(args.bundle, args.data, args.output, args.epochs, parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    models = train(args.bundle, args.data, args.output, args.epochs, overrides, nproc=args.nproc)
     print(f"checkpoints: {models}")
 
 
@@ -76,9 +79,12 @@ def _download(args: argparse.Namespace) -> None:
 
 
 def _bundles(_: argparse.Namespace) -> None:
-    from pipeline.workflows import available_bundles
+    from pipeline.workflows import available_bundles, describe
 
-    print("\n".join(available_bundles()))
+    print(f"{'bundle':<16} {'version':<9} {'parameters':>12}")
+    for name in available_bundles():
+        info = describe(name)
+        print(f"{name:<16} {info['version']:<9} {info['parameters']:>12,}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -93,6 +99,7 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--data", required=True, help="MSD-style datalist JSON")
     train.add_argument("--epochs", type=int)
     train.add_argument("--output", default=None, help="run folder (default outputs/<bundle>)")
+    train.add_argument("--nproc", type=int, default=1, help="processes (GPUs) under torchrun; Gloo on CPU")
     train.set_defaults(func=_train)
 
     infer = commands.add_parser("infer", help="segment NIfTI files or folders")
@@ -120,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run_commands(commands)
+    add_export_command(commands)
 
     overlay = commands.add_parser("overlay", help="colour overlay PNG of a segmentation")
     overlay.add_argument("image")
@@ -134,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--root", default="data/msd")
     download.set_defaults(func=_download)
 
-    commands.add_parser("bundles", help="list the bundles").set_defaults(func=_bundles)
+    listing = commands.add_parser("bundles", help="list the bundles with their parameter counts")
+    listing.set_defaults(func=_bundles)
 
     demo = commands.add_parser("demo", help="prepare the sample data, train, infer, evaluate, track")
     demo.add_argument("--output", default="outputs/demo")
@@ -160,9 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.output = str(Path("outputs") / args.bundle)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError, CheckpointError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, CheckpointError) as error:
         print(f"medseg: error: {error}", file=sys.stderr)
         return 2
+    except subprocess.CalledProcessError as error:
+        print(f"medseg: error: the distributed run exited with {error.returncode}", file=sys.stderr)
+        return 1
     return 0
 
 

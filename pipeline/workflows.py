@@ -7,10 +7,13 @@ the order, and the bundles' docs give the same lists for plain ``python -m monai
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from monai.bundle import ConfigParser
 from monai.bundle import run as run_bundle_config
 
 from pipeline.data.datalist import cases, image_cases
@@ -22,10 +25,12 @@ COMMON_DIR = BUNDLES_DIR / "common"
 LOGGING_FILE = COMMON_DIR / "logging.conf"
 WORKFLOW_FILES: dict[str, tuple[str, ...]] = {
     "train": ("base.yaml", "train.yaml"),
+    "multi_gpu_train": ("base.yaml", "train.yaml", "multi_gpu_train.yaml"),
     "inference": ("base.yaml", "inference.yaml"),
     "evaluate": ("base.yaml", "inference.yaml", "evaluate.yaml"),
 }
 MODEL_FILE = "configs/model.yaml"
+METADATA_FILE = "configs/metadata.json"
 
 
 def available_bundles() -> list[str]:
@@ -70,19 +75,59 @@ def require_checkpoint(checkpoint: str | Path) -> Path:
     return path
 
 
+def meta_files(name: str) -> list[str]:
+    """Metadata shared by all bundles, then the bundle's own (version, changelog, name, references)."""
+    return [str(COMMON_DIR / "metadata.json"), str(bundle_dir(name) / METADATA_FILE)]
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Version and parameter count of a bundle's network, built for its metadata's channels."""
+    parser = ConfigParser()
+    parser.read_config(config_files(name, "inference"))
+    parser.read_meta(meta_files(name))
+    io_format = parser["_meta_::network_data_format"]
+    parser["in_channels"] = io_format["inputs"]["image"]["num_channels"]
+    parser["num_classes"] = io_format["outputs"]["pred"]["num_channels"]
+    network = parser.get_parsed_content("network_def")
+    parameters = sum(p.numel() for p in network.parameters())
+    return {"name": name, "version": parser["_meta_::version"], "parameters": parameters}
+
+
 def run_workflow(
     name: str, workflow: str, overrides: Mapping[str, Any] | None = None, tracking: bool = True
 ) -> None:
     """Run one workflow in this process; ``overrides`` maps config ids to values, as ``--id value`` does."""
     folder = bundle_dir(name)
     run_bundle_config(
-        meta_file=str(folder / "configs" / "metadata.json"),
+        meta_file=meta_files(name),
         config_file=config_files(name, workflow),
         logging_file=str(LOGGING_FILE),
         tracking="mlflow" if tracking else None,
         bundle_root=str(folder),
         **dict(overrides or {}),
     )
+
+
+def command_line_value(value: Any) -> str:
+    """A value as ``monai.bundle run``'s command line (python-fire) reads it back."""
+    return value if isinstance(value, str) else repr(value)
+
+
+def launch_distributed(name: str, nproc: int, overrides: Mapping[str, Any], tracking: bool = True) -> None:
+    """The multi-GPU config under ``torchrun --standalone --nproc_per_node=N`` (one node)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "monai.bundle", "run",
+        "--meta_file", str(meta_files(name)),
+        "--config_file", str(config_files(name, "multi_gpu_train")),
+        "--logging_file", str(LOGGING_FILE),
+        "--bundle_root", str(bundle_dir(name)),
+    ]  # fmt: skip
+    if tracking:
+        command += ["--tracking", "mlflow"]
+    for key, value in overrides.items():
+        command += [f"--{key}", command_line_value(value)]
+    subprocess.run(command, check=True)
 
 
 def train(
@@ -92,8 +137,12 @@ def train(
     epochs: int | None = None,
     overrides: Mapping[str, Any] | None = None,
     tracking: bool = True,
+    nproc: int = 1,
 ) -> Path:
-    """Train a bundle; checkpoints go to ``<output_dir>/models``. Rerunning resumes. Returns that folder."""
+    """Train a bundle; checkpoints go to ``<output_dir>/models``. Rerunning resumes. Returns that folder.
+
+    With ``nproc`` > 1, one process per GPU (or CPU worker) through torchrun.
+    """
     overrides = dict(overrides or {})
     val_fold = int(overrides.get("val_fold", 0))
     for role in ("train", "validation"):
@@ -106,7 +155,10 @@ def train(
     }
     if epochs is not None:
         settings["max_epochs"] = int(epochs)
-    run_workflow(name, "train", {**settings, **overrides}, tracking)
+    if nproc > 1:
+        launch_distributed(name, nproc, {**settings, **overrides}, tracking)
+    else:
+        run_workflow(name, "train", {**settings, **overrides}, tracking)
     return output_dir / "models"
 
 

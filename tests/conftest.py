@@ -9,6 +9,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+# Bundle settings that shrink inputs and networks so a CPU trains every bundle in seconds.
+SMALL_INPUTS = {"patch_size": [32, 32, 32], "spacing": [2.0, 2.0, 2.0], "num_workers": 0, "sw_batch_size": 2}
+TINY_NETWORKS = {
+    "unet3d": {"features": [4, 8, 16, 32, 64, 4]},
+    "resunet": {"channels": [4, 8, 16, 32, 64]},
+    "attention_unet": {"channels": [4, 8, 16, 32, 64]},
+    "unetr": {"feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4},
+}
+
+
+def tiny(bundle: str) -> dict:
+    return {**SMALL_INPUTS, **TINY_NETWORKS[bundle]}
+
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # A non-RAS, anisotropic affine (LPS-like axes, 1.2 x 1.2 x 1.5 mm) so that any test relying on

@@ -5,16 +5,15 @@ A typo in an id, a `_target_` or a metric name fails here, not hours into a trai
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from conftest import tiny
+from monai.bundle import ConfigParser, ConfigWorkflow
 
-from pipeline.workflows import BUNDLES_DIR, LOGGING_FILE, available_bundles, config_files
+from pipeline.workflows import BUNDLES_DIR, LOGGING_FILE, available_bundles, config_files, meta_files
 
-TINY = {"features": [4, 8, 16, 32, 64, 4], "patch_size": [32, 32, 32], "num_workers": 0, "spacing": [2, 2, 2]}
 # workflow -> (MONAI workflow type, the engine id whose resolution pulls in everything else)
 WORKFLOWS = {
     "train": ("train", "train::trainer"),
@@ -26,7 +25,7 @@ WORKFLOWS = {
 def load(bundle: str, workflow: str, phantom_datalist: Path, tmp_path: Path) -> ConfigWorkflow:
     kind, _ = WORKFLOWS[workflow]
     overrides = {
-        **TINY,
+        **tiny(bundle),
         "datalist": str(phantom_datalist),
         "output_dir": str(tmp_path),
         "ckpt_dir": str(tmp_path),
@@ -36,7 +35,7 @@ def load(bundle: str, workflow: str, phantom_datalist: Path, tmp_path: Path) -> 
         overrides["input"] = [str(phantom_datalist.parent / "imagesTs")]
     loaded = ConfigWorkflow(
         config_file=config_files(bundle, workflow),
-        meta_file=str(BUNDLES_DIR / bundle / "configs" / "metadata.json"),
+        meta_file=meta_files(bundle),
         logging_file=str(LOGGING_FILE),
         workflow_type=kind,
         bundle_root=str(BUNDLES_DIR / bundle),
@@ -59,7 +58,7 @@ def test_every_id_resolves(bundle: str, workflow: str, phantom_datalist: Path, t
 
 @pytest.mark.parametrize("bundle", available_bundles())
 def test_metadata_has_version_changelog_and_labels(bundle: str) -> None:
-    metadata = json.loads((BUNDLES_DIR / bundle / "configs" / "metadata.json").read_text())
+    metadata = ConfigParser.load_config_files(meta_files(bundle))
     assert metadata["version"] in metadata["changelog"]
     assert metadata["network_data_format"]["outputs"]["pred"]["channel_def"]["0"] == "background"
     assert (BUNDLES_DIR / bundle / "docs" / "README.md").is_file()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main, parse_overrides
+from pipeline.workflows import available_bundles
 
 
 def test_overrides_are_typed_values() -> None:
@@ -17,16 +18,18 @@ def test_overrides_are_typed_values() -> None:
         parse_overrides(["epochs"])
 
 
-def test_bundles_lists_unet3d(capsys: pytest.CaptureFixture) -> None:
+def test_bundles_lists_every_bundle_with_its_parameter_count(capsys: pytest.CaptureFixture) -> None:
     assert main(["bundles"]) == 0
-    assert "unet3d" in capsys.readouterr().out.split()
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == set(available_bundles())
+    assert int(rows["unetr"][2].replace(",", "")) > int(rows["resunet"][2].replace(",", "")) > 1_000_000
 
 
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
         (["train", "unet3d", "--data", "{tmp}/missing.json"], "missing.json does not exist"),
-        (["train", "nonexistent", "--data", "{datalist}"], "unknown bundle 'nonexistent'; available: unet3d"),
+        (["train", "nonexistent", "--data", "{datalist}"], "unknown bundle 'nonexistent'; available: "),
         (
             ["infer", "unet3d", "--input", "{tmp}/scan.nii.gz", "--output", "{tmp}/out"],
             "scan.nii.gz does not exist",

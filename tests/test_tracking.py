@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import add_to_run, default_tracking_uri, new_run_name
-from pipeline.tracking.store import LOCAL_STORE
+from pipeline.tracking.store import local_store
 
 
 def test_run_names_never_repeat() -> None:
@@ -20,7 +20,7 @@ def test_tracking_uri_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert default_tracking_uri() == "http://127.0.0.1:5999"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert default_tracking_uri() == f"sqlite:///{LOCAL_STORE}"
+    assert default_tracking_uri() == f"sqlite:///{local_store()}"
 
 
 def test_files_and_tags_reach_the_named_run(tmp_path: Path) -> None:

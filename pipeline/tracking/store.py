@@ -10,7 +10,13 @@ from pathlib import Path
 from monai.utils import path_to_sqlite_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-LOCAL_STORE = PROJECT_ROOT / "mlflow" / "mlruns.db"
+
+
+def local_store() -> Path:
+    """The checkout's ``mlflow/`` when running from one (what ``make mlflow-ui`` serves), else the
+    working directory's: an installed package must not write into site-packages."""
+    root = PROJECT_ROOT if (PROJECT_ROOT / "bundles").is_dir() else Path.cwd()
+    return root / "mlflow" / "mlruns.db"
 
 
 def default_tracking_uri() -> str:
@@ -21,8 +27,9 @@ def default_tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    LOCAL_STORE.parent.mkdir(parents=True, exist_ok=True)
-    return path_to_sqlite_uri(str(LOCAL_STORE))
+    store = local_store()
+    store.parent.mkdir(parents=True, exist_ok=True)
+    return path_to_sqlite_uri(str(store))
 
 
 def new_run_name(prefix: str) -> str:

@@ -15,6 +15,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from pipeline.io.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from pipeline.training.distributed import is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
 
 
 class TrainingCheckpoints:
-    """Save the latest training state every epoch and the best network on every new best metric.
+    """Save the latest training state every epoch and the best network on every new best metric
+    (rank 0 only under torchrun; every rank resumes).
 
     On start, resume from ``latest.pt`` in ``ckpt_dir`` if it exists: network, optimiser,
     scheduler, epoch/iteration and the best metric so far. A finished run resumed with more
@@ -73,6 +75,8 @@ class TrainingCheckpoints:
         return objects
 
     def save_latest(self, trainer: Engine) -> None:
+        if not is_main_process():
+            return
         state = {name: obj.state_dict() for name, obj in self._stateful().items()}
         state["trainer"] = trainer.state_dict()
         if self.validator is not None:
@@ -81,7 +85,7 @@ class TrainingCheckpoints:
         save_atomic(state, self.latest_path)
 
     def save_best_if_improved(self, validator: Engine) -> None:
-        if validator.state.best_metric_epoch == validator.state.epoch:
+        if is_main_process() and validator.state.best_metric_epoch == validator.state.epoch:
             save_atomic(unwrap(self.network).state_dict(), self.best_path)
             logger.info(
                 "new best %s %.4f at epoch %d, saved %s",
@@ -93,7 +97,7 @@ class TrainingCheckpoints:
 
     def ensure_model_saved(self, trainer: Engine) -> None:
         """A run too short to validate still leaves a model.pt for inference: its final network."""
-        if not self.best_path.exists():
+        if is_main_process() and not self.best_path.exists():
             logger.warning("no validation ran; saving the final network as %s", self.best_path)
             save_atomic(unwrap(self.network).state_dict(), self.best_path)
 

@@ -1,0 +1,246 @@
+"""Export a bundle as one self-contained folder in the MONAI model-zoo layout.
+
+Here a workflow is composed at run time from ``bundles/common/`` and the bundle's ``model.yaml``;
+a model-zoo user expects one merged config per workflow, run with plain ``python -m monai.bundle
+run`` from the bundle's folder. The configs still import the installed ``pipeline`` package.
+MONAI and ``pipeline.workflows`` are imported inside functions: ``medseg`` registers this command
+on every start, and importing them costs seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.io.checkpoint import CheckpointError, load_checkpoint
+
+# Workflows shipped as overrides on another workflow's config, as the model zoo ships multi-GPU training.
+OVERLAYS = {"multi_gpu_train": "train"}
+FIXED = {"meta_file": "configs/metadata.json", "logging_file": "configs/logging.conf", "bundle_root": "."}
+OPTION = re.compile(
+    r"""--(?P<option>config_file|meta_file|logging_file|bundle_root)(?P<sep>[ \t]+|=)"""
+    r"""(?P<value>"[^"\n]*"|'[^'\n]*'|[^\s"'`]+)"""
+)
+CODE = re.compile(r"```.*?```|`[^`\n]+`", re.DOTALL)
+# A string that is an absolute path, or an expression passing a quoted absolute path as an argument.
+ABSOLUTE = re.compile(r"""^(?:/|~/|[A-Za-z]:[\\/]|\\\\)|[(\[,=]\s*['"](?:/|~/|[A-Za-z]:[\\/])""")
+NOTE = (
+    "> Exported from medseg-pipeline (bundle `{name}`, version {version}). The configs import its "
+    "`pipeline` package: `pip install medseg-pipeline` first. Run the commands below from this folder; "
+    "the data paths in them are examples.\n"
+)
+
+
+def export_bundle(name: str, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Write the bundle to ``out_dir``, all or nothing: built beside it, then renamed into place."""
+    from pipeline.workflows import bundle_dir
+
+    target = Path(out_dir).absolute()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} exists and is not empty; export into a new or empty folder")
+    bundle_dir(name)  # an unknown bundle fails here, before anything is written
+    if checkpoint is not None:
+        _require_state_dict(checkpoint)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.export-"))
+    try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would make the bundle private to its writer
+        metadata = _write_configs(name, staging / "configs")
+        _write_docs(name, metadata["version"], staging / "docs")
+        if checkpoint is not None:
+            _copy_weights(Path(checkpoint), staging / "models")
+        check_portable(staging / "configs")
+        if target.is_dir():
+            target.rmdir()  # empty, checked above; rename will not replace a folder everywhere
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _require_state_dict(checkpoint: str | Path) -> None:
+    """Ship only a bare state dict, as the model zoo does; ``latest.pt`` also holds optimiser state."""
+    state = load_checkpoint(checkpoint)  # CheckpointError naming the file when it cannot be read
+    if not state or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is not a state dict of tensors (a full training state?); "
+            "export the best network, models/model.pt"
+        )
+
+
+def _write_configs(name: str, folder: Path) -> dict:
+    """One merged JSON per workflow, overlays as overrides only; returns the merged metadata."""
+    from monai.bundle import ConfigParser
+
+    from pipeline.workflows import LOGGING_FILE, WORKFLOW_FILES, config_files, meta_files
+
+    folder.mkdir(parents=True)
+    for workflow in WORKFLOW_FILES:
+        if workflow in OVERLAYS:
+            config = _overlay_overrides(name, workflow)
+        else:
+            config = ConfigParser.load_config_files(config_files(name, workflow))
+        (folder / f"{workflow}.json").write_text(json.dumps(config, indent=4) + "\n")
+    metadata = ConfigParser.load_config_files(meta_files(name))
+    (folder / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
+    shutil.copyfile(LOGGING_FILE, folder / "logging.conf")
+    return metadata
+
+
+def _overlay_overrides(name: str, workflow: str) -> dict:
+    """The overlay's own files, raw (``::`` ids kept, so they patch the base rather than replace it).
+
+    The repository merges them before the bundle's model.yaml, a model-zoo user after the merged
+    base config; refuse when that order would change the result.
+    """
+    from monai.bundle import ConfigParser
+
+    from pipeline.workflows import COMMON_DIR, MODEL_FILE, WORKFLOW_FILES, bundle_dir, config_files
+
+    base = OVERLAYS[workflow]
+    extra = [f for f in WORKFLOW_FILES[workflow] if f not in WORKFLOW_FILES[base]]
+    overrides: dict = {}
+    for file in extra:
+        for key, value in ConfigParser.load_config_file(COMMON_DIR / file).items():
+            overrides.pop(key, None)  # re-insert: a later file's key is applied after the earlier ones
+            overrides[key] = value
+    check_no_clash(overrides, ConfigParser.load_config_file(bundle_dir(name) / MODEL_FILE), ", ".join(extra))
+    exported = _merge([ConfigParser.load_config_files(config_files(name, base)), overrides])
+    if exported != ConfigParser.load_config_files(config_files(name, workflow)):
+        raise ValueError(f"bundle {name!r}: configs/{base}.json + {workflow}.json would not merge as {extra}")
+    return overrides
+
+
+def check_no_clash(overrides: Mapping, model: Mapping, source: str) -> None:
+    """An id both set (or one nested in the other) is won by model.yaml here, by the overlay exported."""
+    ids = [{key.lstrip("+").replace("#", "::") for key in config} for config in (overrides, model)]
+    clashes = sorted(
+        f"{a} / {b}"
+        for a in ids[0]
+        for b in ids[1]
+        if a == b or a.startswith(b + "::") or b.startswith(a + "::")
+    )
+    if clashes:
+        raise ValueError(f"model.yaml and {source} both set {', '.join(clashes)}; exported it would differ")
+
+
+def _merge(configs: list[Mapping]) -> dict:
+    """What ``--config_file`` with several files does, on dicts (copies: MONAI's ``+`` merges in place)."""
+    from monai.bundle import ConfigParser
+    from monai.bundle.utils import merge_kv
+
+    parser = ConfigParser(config={})
+    for config in copy.deepcopy(configs):
+        for key, value in config.items():
+            merge_kv(parser, key, value)
+    return parser.get()
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string of a JSON document, keys included."""
+    if isinstance(value, dict):
+        return [text for key, item in value.items() for text in (key, *_strings(item))]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item)]
+    return [value] if isinstance(value, str) else []
+
+
+def check_portable(configs: Path) -> None:
+    """The export must run on another machine without this repository; refuse any path leading back."""
+    from pipeline.workflows import PROJECT_ROOT
+
+    for path in sorted(configs.glob("*.json")):
+        bad = [
+            text
+            for text in _strings(json.loads(path.read_text()))
+            if str(PROJECT_ROOT) in text or re.search(r"bundles[/\\]common", text) or ABSOLUTE.search(text)
+        ]
+        if bad:
+            raise ValueError(f"{path.name} refers outside the exported bundle: {', '.join(bad[:3])}")
+
+
+def _replacements() -> dict[tuple[str, ...], str]:
+    """File lists a docs command may give (as file names) -> the exported config(s) that replace them."""
+    from pipeline.workflows import MODEL_FILE, WORKFLOW_FILES
+
+    table = {}
+    for workflow, files in WORKFLOW_FILES.items():
+        exported = [f"configs/{w}.json" for w in (OVERLAYS.get(workflow), workflow) if w]
+        value = exported[0] if len(exported) == 1 else '"' + str(exported).replace(" ", "") + '"'
+        table[(*files, Path(MODEL_FILE).name)] = value
+        table[tuple(Path(f).name for f in exported)] = value
+    return table
+
+
+def _listed_files(value: str) -> tuple[str, ...]:
+    """The file names in a ``--config_file`` value: a quoted Python list, a comma list, or one path."""
+    return tuple(Path(item).name for item in re.findall(r"[^\s\[\],'\"]+", value))
+
+
+def rewrite_commands(text: str) -> str:
+    """Point a README's commands at the exported files; an unknown file list fails, never ships stale."""
+    table = _replacements()
+
+    def replace(match: re.Match) -> str:
+        option, value = match["option"], match["value"]
+        if option != "config_file":
+            return f"--{option}{match['sep']}{FIXED[option]}"
+        files = _listed_files(value)
+        if files not in table:
+            raise ValueError(f"docs command gives --config_file {value}, which is no workflow's file list")
+        return f"--{option}{match['sep']}{table[files]}"
+
+    return CODE.sub(lambda code: OPTION.sub(replace, code[0]), text)
+
+
+def _write_docs(name: str, version: str, folder: Path) -> None:
+    """The bundle's README with its commands rewritten, and a note on what the export needs."""
+    from pipeline.workflows import bundle_dir
+
+    text = rewrite_commands((bundle_dir(name) / "docs" / "README.md").read_text())
+    text = text.replace("(from the repository root)", "(from this folder)")
+    note = NOTE.format(name=name, version=version)
+    title, _, rest = text.partition("\n")
+    text = f"{title}\n\n{note}\n{rest.lstrip()}" if title.startswith("# ") else f"{note}\n{text}"
+    folder.mkdir(parents=True)
+    (folder / "README.md").write_text(text)
+
+
+def _copy_weights(checkpoint: Path, models: Path) -> None:
+    """The weights, and the dataset facts inference reads beside them (labels, channels, modality)."""
+    models.mkdir(parents=True)
+    shutil.copyfile(checkpoint, models / "model.pt")
+    info = checkpoint.with_name("dataset.json")
+    if info.is_file():
+        shutil.copyfile(info, models / "dataset.json")
+    else:
+        warnings.warn(f"no {info}: the exported inference will need models/dataset.json", stacklevel=3)
+
+
+def add_export_command(commands: argparse._SubParsersAction) -> None:
+    """``medseg export-bundle NAME OUT_DIR [--checkpoint FILE]``."""
+    export = commands.add_parser("export-bundle", help="write a self-contained model-zoo bundle folder")
+    export.add_argument("bundle", metavar="NAME")
+    export.add_argument("out_dir", metavar="OUT_DIR")
+    export.add_argument("--checkpoint", metavar="FILE", help="weights to ship as models/model.pt")
+    export.set_defaults(func=_export_command)
+
+
+def _export_command(args: argparse.Namespace) -> None:
+    try:
+        print(export_bundle(args.bundle, args.out_dir, args.checkpoint))
+    except FileExistsError as error:  # medseg's main reports only its own error types as one line
+        print(f"medseg: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

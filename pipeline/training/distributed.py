@@ -1,0 +1,54 @@
+"""One process per GPU (or per CPU worker) under torchrun: set-up, device, wrapping, rank checks.
+
+The same config runs on GPUs (NCCL) and on CPUs (Gloo): the backend follows the hardware, so a
+laptop can test what a cluster will run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or the only process): the one that writes checkpoints, logs progress and tracks."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def device() -> torch.device:
+    """This process's GPU under torchrun (LOCAL_RANK), else the first GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return torch.device("cpu")
+
+
+def setup(distributed: bool) -> None:
+    """Join the torchrun process group when the config is the multi-GPU one; nothing otherwise."""
+    if not distributed or is_distributed():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        raise RuntimeError("the multi-GPU config must be launched by torchrun (medseg train --nproc N)")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device())
+    dist.init_process_group(backend=backend)
+    if not is_main_process():
+        logging.disable(logging.INFO)  # one voice: ranks > 0 still report warnings and errors
+
+
+def teardown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def wrap(network: torch.nn.Module, on: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around a network already on its device."""
+    device_ids = [on.index] if on.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(network, device_ids=device_ids)
