@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 TORCH_SPEC := $(VENV)/.torch-spec
 
-.PHONY: setup demo test lint mlflow-ui clean distclean FORCE
+.PHONY: setup demo test lint bench mlflow-ui clean distclean FORCE
 
 setup: $(INSTALLED)
 
@@ -30,6 +30,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Speed per bundle on this machine; never part of `make test`.
+bench: setup
+	$(BIN)/python bench/speed.py
 
 lint: setup
 	$(BIN)/ruff check .
