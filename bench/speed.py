@@ -2,8 +2,9 @@
 
 The networks are built exactly as the bundles build them (their configs, full size), for one
 input channel and three classes; a training iteration is forward + DiceCE loss + backward + AdamW
-step on one batch (``batch_size`` volumes x ``samples_per_volume`` patches) of the bundle's patch size, an inference window is one
-no-grad forward of one patch. Median of ``repeats`` timed runs after one warm-up.
+step on one batch (``batch_size`` volumes x ``samples_per_volume`` patches) of the bundle's
+patch size, an inference window is one no-grad forward of one patch. Median of ``repeats`` timed
+runs after one warm-up.
 
     .venv/bin/python bench/speed.py [--repeats 3] [--out bench/speed.json]
 """
@@ -64,12 +65,20 @@ def measure(name: str, repeats: int) -> dict:
     network.eval()
     infer_s = median_seconds(infer_window, repeats)
     parameters = sum(p.numel() for p in network.parameters())
-    return {"bundle": name, "parameters": parameters, "patch": patch, "batch_size": batch_size,
-            "train_s_per_iteration": round(train_s, 3), "inference_s_per_window": round(infer_s, 3)}  # fmt: skip
+    return {
+        "bundle": name,
+        "parameters": parameters,
+        "patch": patch,
+        "batch_size": batch_size,
+        "train_s_per_iteration": round(train_s, 3),
+        "inference_s_per_window": round(infer_s, 3),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "speed.json")
     args = parser.parse_args()

@@ -12,8 +12,12 @@ from typing import Any
 
 import yaml
 
+from pipeline.data.build import add_datalist_command
+from pipeline.data.check import add_check_command
 from pipeline.export import add_export_command
 from pipeline.io.checkpoint import CheckpointError
+from pipeline.io.dicom import add_dicom2nifti_command
+from pipeline.tracking.store import TrackingUnavailable
 
 
 def parse_value(text: str) -> Any:
@@ -41,8 +45,16 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 def _train(args: argparse.Namespace) -> None:
     from pipeline.workflows import train
 
-    overrides = parse_overrides(args.overrides)
-    models = train(args.bundle, args.data, args.output, args.epochs, overrides, nproc=args.nproc)
+    overrides = {**tracking_overrides(args), **parse_overrides(args.overrides)}
+    models = train(
+        args.bundle,
+        args.data,
+        args.output,
+        args.epochs,
+        overrides,
+        nproc=args.nproc,
+        check_data=not args.skip_check,
+    )
     print(f"checkpoints: {models}")
 
 
@@ -50,7 +62,10 @@ def _infer(args: argparse.Namespace) -> None:
     from pipeline.workflows import infer
 
     checkpoint = args.checkpoint or Path("outputs") / args.bundle / "models" / "model.pt"
-    out = infer(args.bundle, args.input, args.output, checkpoint, parse_overrides(args.overrides))
+    overrides = {**tracking_overrides(args), **parse_overrides(args.overrides)}
+    if args.dicom_seg:
+        overrides["dicom_seg"] = True
+    out = infer(args.bundle, args.input, args.output, checkpoint, overrides)
     print(f"segmentations: {out}")
 
 
@@ -60,7 +75,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     checkpoint = args.checkpoint or Path("outputs") / args.bundle / "models" / "model.pt"
     output = args.output or Path("outputs") / args.bundle / f"evaluation_{args.split}"
-    out = evaluate(args.bundle, args.data, output, checkpoint, args.split, parse_overrides(args.overrides))
+    overrides = {**tracking_overrides(args), **parse_overrides(args.overrides)}
+    out = evaluate(args.bundle, args.data, output, checkpoint, args.split, overrides)
     for name, value in read_metric_means(out).items():
         print(f"{name}: {value:.4f}")
     print(f"per-case metrics: {out}")
@@ -93,6 +109,33 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.output), epochs=args.epochs)
 
 
+def add_tracking_options(command: argparse.ArgumentParser) -> None:
+    """Where the run is recorded; each flag is a config override, so the bundles stay the one source."""
+    group = command.add_argument_group("tracking (MLflow)")
+    group.add_argument(
+        "--tracking-uri", help="tracking server or store (default: MLFLOW_TRACKING_URI, else ./mlflow)"
+    )
+    group.add_argument("--experiment", help="experiment name (default: the dataset's name)")
+    group.add_argument(
+        "--run-name", help="run name (default: unique per run; a resumed training keeps its own)"
+    )
+    group.add_argument(
+        "--tracking-optional", action="store_true", help="go on untracked if the server is down"
+    )
+
+
+def tracking_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    chosen = {
+        "tracking_uri": args.tracking_uri,
+        "experiment_name": args.experiment,
+        "run_name": args.run_name,
+    }
+    overrides: dict[str, Any] = {key: value for key, value in chosen.items() if value}
+    if args.tracking_optional:
+        overrides["tracking_required"] = False
+    return overrides
+
+
 def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train a bundle on a datalist (rerun to resume)")
     train.add_argument("bundle")
@@ -100,6 +143,7 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--epochs", type=int)
     train.add_argument("--output", default=None, help="run folder (default outputs/<bundle>)")
     train.add_argument("--nproc", type=int, default=1, help="processes (GPUs) under torchrun; Gloo on CPU")
+    train.add_argument("--skip-check", action="store_true", help="do not check every case before training")
     train.set_defaults(func=_train)
 
     infer = commands.add_parser("infer", help="segment NIfTI files or folders")
@@ -107,6 +151,9 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     infer.add_argument("--input", nargs="+", required=True)
     infer.add_argument("--output", required=True)
     infer.add_argument("--checkpoint", help="default outputs/<bundle>/models/model.pt")
+    infer.add_argument(
+        "--dicom-seg", action="store_true", help="also write a DICOM SEG for DICOM series inputs"
+    )
     infer.set_defaults(func=_infer)
 
     evaluate = commands.add_parser("evaluate", help="Dice and IoU per case and class on a datalist split")
@@ -117,6 +164,7 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--output")
     evaluate.set_defaults(func=_evaluate)
     for command in (train, infer, evaluate):
+        add_tracking_options(command)
         command.epilog = (
             "Any config id can be overridden with trailing key=value arguments (learning_rate=3e-4)."
         )
@@ -127,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run_commands(commands)
+    add_datalist_command(commands)
+    add_check_command(commands)
+    add_dicom2nifti_command(commands)
     add_export_command(commands)
 
     overlay = commands.add_parser("overlay", help="colour overlay PNG of a segmentation")
@@ -168,14 +219,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "command", None) == "train" and args.output is None:
         args.output = str(Path("outputs") / args.bundle)
     try:
-        args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, CheckpointError) as error:
+        status = args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError, CheckpointError, TrackingUnavailable) as error:
         print(f"medseg: error: {error}", file=sys.stderr)
         return 2
     except subprocess.CalledProcessError as error:
         print(f"medseg: error: the distributed run exited with {error.returncode}", file=sys.stderr)
         return 1
-    return 0
+    return int(status or 0)
 
 
 if __name__ == "__main__":

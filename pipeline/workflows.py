@@ -7,6 +7,7 @@ the order, and the bundles' docs give the same lists for plain ``python -m monai
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -16,13 +17,16 @@ from typing import Any
 from monai.bundle import ConfigParser
 from monai.bundle import run as run_bundle_config
 
-from pipeline.data.datalist import cases, image_cases
+from pipeline.data.datalist import image_cases
 from pipeline.io.checkpoint import CheckpointError
-from pipeline.tracking import PROJECT_ROOT
+from pipeline.tracking import PROJECT_ROOT, TrackingUnavailable, check_reachable, default_tracking_uri
+
+logger = logging.getLogger(__name__)
 
 BUNDLES_DIR = PROJECT_ROOT / "bundles"
 COMMON_DIR = BUNDLES_DIR / "common"
 LOGGING_FILE = COMMON_DIR / "logging.conf"
+TRACKING_FILE = COMMON_DIR / "tracking.yaml"  # the full MLflow record (MONAI's --tracking settings)
 WORKFLOW_FILES: dict[str, tuple[str, ...]] = {
     "train": ("base.yaml", "train.yaml"),
     "multi_gpu_train": ("base.yaml", "train.yaml", "multi_gpu_train.yaml"),
@@ -51,21 +55,33 @@ def config_files(name: str, workflow: str) -> list[str]:
     return [str(COMMON_DIR / f) for f in WORKFLOW_FILES[workflow]] + [str(bundle_dir(name) / MODEL_FILE)]
 
 
-def require_cases(datalist: str | Path, role: str, val_fold: int = 0) -> list[dict]:
-    """Fail before any work when a split is empty or names files that are not there."""
-    found = cases(datalist, role=role, val_fold=val_fold)
-    if not found:
-        raise ValueError(f"datalist {datalist} has no {role} cases (val_fold={val_fold})")
-    missing = [
-        case[key]
-        for case in found
-        for key in ("image", "label")
-        if key in case and not Path(case[key]).exists()
-    ]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise FileNotFoundError(f"datalist {datalist} names files that do not exist: {shown}")
-    return found
+def require_valid_data(datalist: str | Path, roles: tuple[str, ...], overrides: Mapping[str, Any]) -> None:
+    """Every case of the roles checked before any work (``medseg check``'s report on failure)."""
+    from pipeline.data.check import require_valid
+
+    require_valid(datalist, overrides.get("dataset_dir"), roles, val_fold=int(overrides.get("val_fold", 0)))
+
+
+def usable_inputs(inputs: Sequence[str | Path]) -> list[str]:
+    """The inputs that pass the image checks; each refused one is named with its reason, once."""
+    from pipeline.data.check import check_image
+
+    usable = []
+    for case in image_cases([str(p) for p in inputs]):
+        errors = [f for f in check_image(case["image"]) if f.severity == "error"]
+        if errors:
+            logger.error("skipping %s", errors[0])
+        else:
+            usable.append(case["image"])
+    if not usable:
+        raise ValueError(f"none of the {len(inputs)} inputs can be segmented (reasons above)")
+    return usable
+
+
+def absolute(path: str | Path) -> str:
+    """An absolute input path; a DICOM ``folder#uid`` keeps its series selector."""
+    folder, _, uid = str(path).partition("#") if not Path(path).exists() else (str(path), "", "")
+    return str(Path(folder).resolve()) + (f"#{uid}" if uid else "")
 
 
 def require_checkpoint(checkpoint: str | Path) -> Path:
@@ -93,16 +109,30 @@ def describe(name: str) -> dict[str, Any]:
     return {"name": name, "version": parser["_meta_::version"], "parameters": parameters}
 
 
+def preflight_tracking(overrides: Mapping[str, Any], tracking: bool) -> None:
+    """Find out before any data is loaded whether the tracking server answers."""
+    if not tracking:
+        return
+    uri = str(overrides.get("tracking_uri") or default_tracking_uri())
+    try:
+        check_reachable(uri)
+    except TrackingUnavailable as error:
+        if overrides.get("tracking_required", True):
+            raise
+        logger.warning("%s; tracking is optional, so the run goes on untracked", error)
+
+
 def run_workflow(
     name: str, workflow: str, overrides: Mapping[str, Any] | None = None, tracking: bool = True
 ) -> None:
     """Run one workflow in this process; ``overrides`` maps config ids to values, as ``--id value`` does."""
     folder = bundle_dir(name)
+    preflight_tracking(overrides or {}, tracking)
     run_bundle_config(
         meta_file=meta_files(name),
         config_file=config_files(name, workflow),
         logging_file=str(LOGGING_FILE),
-        tracking="mlflow" if tracking else None,
+        tracking=str(TRACKING_FILE) if tracking else None,
         bundle_root=str(folder),
         **dict(overrides or {}),
     )
@@ -124,7 +154,7 @@ def launch_distributed(name: str, nproc: int, overrides: Mapping[str, Any], trac
         "--bundle_root", str(bundle_dir(name)),
     ]  # fmt: skip
     if tracking:
-        command += ["--tracking", "mlflow"]
+        command += ["--tracking", str(TRACKING_FILE)]
     for key, value in overrides.items():
         command += [f"--{key}", command_line_value(value)]
     subprocess.run(command, check=True)
@@ -138,15 +168,15 @@ def train(
     overrides: Mapping[str, Any] | None = None,
     tracking: bool = True,
     nproc: int = 1,
+    check_data: bool = True,
 ) -> Path:
     """Train a bundle; checkpoints go to ``<output_dir>/models``. Rerunning resumes. Returns that folder.
 
     With ``nproc`` > 1, one process per GPU (or CPU worker) through torchrun.
     """
     overrides = dict(overrides or {})
-    val_fold = int(overrides.get("val_fold", 0))
-    for role in ("train", "validation"):
-        require_cases(datalist, role, val_fold)
+    if check_data:
+        require_valid_data(datalist, ("train", "validation"), overrides)
     output_dir = Path(output_dir).resolve()
     settings: dict[str, Any] = {
         "datalist": str(Path(datalist).resolve()),
@@ -156,6 +186,7 @@ def train(
     if epochs is not None:
         settings["max_epochs"] = int(epochs)
     if nproc > 1:
+        preflight_tracking(overrides, tracking)
         launch_distributed(name, nproc, {**settings, **overrides}, tracking)
     else:
         run_workflow(name, "train", {**settings, **overrides}, tracking)
@@ -171,11 +202,11 @@ def infer(
     tracking: bool = False,
 ) -> Path:
     """Segment the inputs into ``<output_dir>/<case>_seg.nii.gz``; returns ``output_dir``."""
-    image_cases(list(inputs))
+    usable = usable_inputs(inputs)
     require_checkpoint(checkpoint)
     output_dir = Path(output_dir).resolve()
     settings = {
-        "input": [str(Path(p).resolve()) for p in inputs],
+        "input": [absolute(p) for p in usable],
         "output_dir": str(output_dir),
         "checkpoint": str(Path(checkpoint).resolve()),
     }
@@ -193,7 +224,8 @@ def evaluate(
     tracking: bool = True,
 ) -> Path:
     """Score the bundle on a datalist split; ``metrics.csv`` and per-case CSVs go to ``output_dir``."""
-    require_cases(datalist, split, int((overrides or {}).get("val_fold", 0)))
+    roles = ("train", "validation") if split == "all" else (split,)
+    require_valid_data(datalist, roles, overrides or {})
     require_checkpoint(checkpoint)
     output_dir = Path(output_dir).resolve()
     settings = {

@@ -56,7 +56,7 @@ def test_bad_input_is_one_clear_line(
         ([{"image": "a.nii.gz", "label": "b.nii.gz"}], "has no train cases"),
         (
             [{"image": f"i{k}.nii.gz", "label": f"l{k}.nii.gz", "fold": k} for k in range(2)],
-            "names files that do not exist: ",
+            "i0.nii.gz: does not exist",
         ),
     ],
 )

@@ -118,11 +118,16 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def image_cases(inputs: str | Path | list[str | Path]) -> list[dict]:
-    """Inference inputs as dataset entries: each file as given, each folder's NIfTI files sorted."""
+    """Inference inputs as dataset entries: each file or DICOM series (``folder[#uid]``) as given,
+    each other folder's NIfTI files sorted."""
+    from pipeline.io.dicom import is_series_path
+
     entries = []
     for item in [inputs] if isinstance(inputs, (str, Path)) else inputs:
         path = Path(item)
-        if path.is_dir():
+        if is_series_path(item):
+            entries.append({"image": str(item)})
+        elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
             if not found:
                 raise FileNotFoundError(f"input folder {path} holds no .nii or .nii.gz file")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,6 +18,21 @@ def local_store() -> Path:
     working directory's: an installed package must not write into site-packages."""
     root = PROJECT_ROOT if (PROJECT_ROOT / "bundles").is_dir() else Path.cwd()
     return root / "mlflow" / "mlruns.db"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server cannot be used, and tracking was not declared optional."""
+
+
+def git_commit() -> str:
+    """The project's commit, so a run says which code produced it ('unknown' outside a checkout)."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
 def default_tracking_uri() -> str:
@@ -39,3 +55,44 @@ def new_run_name(prefix: str) -> str:
     so a crashed run would swallow the next one; a name per run prevents that.
     """
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+RUN_NAME_FILE = "mlflow_run_name.txt"
+
+
+def training_run_name(ckpt_dir: str | Path, prefix: str) -> str:
+    """The run name of the training that writes to ``ckpt_dir``: stored beside its checkpoints on
+    first use, so that running the same command again continues the same MLflow run."""
+    path = Path(ckpt_dir) / RUN_NAME_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    name = new_run_name(prefix)
+    from pipeline.training.distributed import is_main_process
+
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(name + "\n")
+    return name
+
+
+def training_run_of(checkpoint: str | Path) -> str:
+    """The training run that produced a checkpoint, for linking evaluation and inference runs to it."""
+    path = Path(checkpoint).parent / RUN_NAME_FILE
+    return path.read_text().strip() if path.is_file() else "unknown"
+
+
+def check_reachable(uri: str) -> None:
+    """Ask the server once, before any data is loaded, so a typo'd URI fails in seconds, not after caching."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as error:
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} cannot be reached ({type(error).__name__}); start it, fix "
+            "MLFLOW_TRACKING_URI / --tracking-uri, or pass --tracking-optional"
+        ) from None

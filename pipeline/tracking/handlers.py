@@ -1,0 +1,265 @@
+"""MONAI's MLFlowHandler, made fit for hours-long runs on a shared tracking server.
+
+What it adds: a resumed training continues its own run (found by its stored name, finished or
+not); params already recorded are not re-sent (MLflow refuses changed values); tags; a server
+that is down at start stops the run with a clear message (unless tracking is optional); a
+server lost mid-run is reported once and training goes on. The validation tracker also records
+per-class Dice and IoU under the label names, the best value so far, the last validation's
+per-case table and, every few validations, overlays of the first cases.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
+
+from pipeline.tracking.store import TrackingUnavailable
+
+logger = logging.getLogger(__name__)
+
+# Fail fast instead of MLflow's minutes of retries when the server is gone.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+_LOST_URIS: set[str] = set()  # servers already reported lost in this process: report once
+
+
+class RunTracker(MLFlowHandler):
+    """MLFlowHandler with run continuity, tags and graceful loss of the tracking server."""
+
+    tags_resumption = True  # the engine that starts the run says whether it resumed
+
+    def __init__(
+        self,
+        *,
+        tags: Mapping[str, Any] | None = None,
+        required: bool = True,
+        log_epoch_time: bool = False,
+        config_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.tags = dict(tags or {})
+        self.config_dir = config_dir
+        self.required = required
+        self.log_epoch_time = log_epoch_time
+        self._logged_params: set[str] | None = None
+
+    @property
+    def uri(self) -> str:
+        return str(self.client.tracking_uri)
+
+    @property
+    def lost(self) -> bool:
+        return self.uri in _LOST_URIS
+
+    def start(self, engine: Engine) -> None:
+        if self.lost:
+            return
+        try:
+            self._set_experiment()
+            self._reopen_named_run()
+            super().start(engine)
+            if self.tags_resumption:
+                resumed = engine.state.epoch > 0
+                self.client.set_tag(self.cur_run.info.run_id, "resumed", str(resumed).lower())
+            for key, value in self.tags.items():
+                self.client.set_tag(self.cur_run.info.run_id, key, str(value))
+            self._log_executed_config()
+        except Exception as error:
+            if self.required:
+                raise TrackingUnavailable(
+                    f"MLflow tracking at {self.uri} cannot be used ({type(error).__name__}: {error}); "
+                    "start the server, fix MLFLOW_TRACKING_URI / --tracking-uri, or pass --tracking-optional"
+                ) from None
+            self._give_up(error, "at start")
+
+    def _log_executed_config(self) -> None:
+        """The config MONAI saved for this run (``save_execute_config``): the newest config_*.json there.
+
+        MONAI's own reference to that file breaks when ``output_dir`` is given as a plain path.
+        """
+        saved = (
+            sorted(Path(self.config_dir).glob("config_*.json"), key=os.path.getmtime)
+            if self.config_dir
+            else []
+        )
+        if saved:
+            self.client.log_artifact(self.cur_run.info.run_id, str(saved[-1]), artifact_path="config")
+
+    def _reopen_named_run(self) -> None:
+        """Continue the run of this name, even a finished one: a resumed training is the same run."""
+        if self.cur_run is not None or not self.run_name:
+            return
+        runs = self.client.search_runs(
+            [self.experiment.experiment_id], f"attributes.run_name = '{self.run_name}'", max_results=1
+        )
+        if runs:
+            self.cur_run = runs[0]
+            if runs[0].info.status != "RUNNING":
+                self.client.update_run(runs[0].info.run_id, status="RUNNING")
+
+    def _log_params(self, params: dict[str, Any]) -> None:
+        if self._logged_params is None:
+            self._logged_params = set(self.client.get_run(self.cur_run.info.run_id).data.params)
+        fresh = {key: value for key, value in params.items() if key not in self._logged_params}
+        if fresh:
+            super()._log_params(fresh)
+            self._logged_params |= set(fresh)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        self._safely(super().iteration_completed, engine)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        self._safely(super().epoch_completed, engine)
+        if self.log_epoch_time:
+            seconds = engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0
+            self._safely(self._log_metrics, {"epoch_time_s": seconds}, engine.state.epoch)
+
+    def complete(self) -> None:
+        self._safely(super().complete)
+
+    def close(self) -> None:
+        self._safely(super().close)
+
+    def _safely(self, call: Callable[..., None], *args: Any) -> None:
+        if self.lost or self.cur_run is None:
+            return
+        try:
+            call(*args)
+        except Exception as error:
+            self._give_up(error, "during the run")
+
+    def _give_up(self, error: Exception, when: str) -> None:
+        if not self.lost:
+            _LOST_URIS.add(self.uri)
+            logger.warning(
+                "MLflow tracking at %s lost %s (%s: %s); the run goes on and checkpoints are still written, "
+                "but nothing more is tracked in this process",
+                self.uri, when, type(error).__name__, error,
+            )  # fmt: skip
+
+
+class ValidationTracker(RunTracker):
+    """Per-class metrics under label names, the best value, per-case table and overlays."""
+
+    tags_resumption = False  # a validator starts at the trainer's epoch: it cannot tell
+
+    def __init__(
+        self,
+        *,
+        label_names: Mapping[int, str],
+        overlay_every: int = 5,
+        overlay_cases: int = 2,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.label_names = {int(k): v for k, v in label_names.items() if int(k) > 0}
+        self.overlay_every = max(1, overlay_every)
+        self.overlay_cases = overlay_cases
+        self.validations = 0
+        self._examples: list[dict[str, torch.Tensor]] = []
+        self._case_names: list[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._forget_examples)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._keep_examples)
+
+    def _forget_examples(self, _: Engine) -> None:
+        self._examples.clear()
+        self._case_names.clear()
+
+    def _keep_examples(self, engine: Engine) -> None:
+        for item, output in zip(engine.state.batch, engine.state.output, strict=False):
+            self._case_names.append(Path(str(item["image"].meta.get("filename_or_obj", "?"))).name)
+            if len(self._examples) < self.overlay_cases:
+                keep = {"image": item["image"], "label": output["label"], "pred": output["pred"]}
+                self._examples.append({key: value.detach().cpu() for key, value in keep.items()})
+
+    def epoch_completed(self, engine: Engine) -> None:
+        super().epoch_completed(engine)
+        self.validations += 1
+        self._safely(self._record_details, engine)
+
+    def _record_details(self, engine: Engine) -> None:
+        step = engine.state.epoch
+        table = per_case_table(engine, self.label_names, self._case_names)
+        metrics = {
+            f"best_{engine.state.key_metric_name}": float(engine.state.best_metric),
+            **column_means(table),
+        }
+        self._log_metrics(metrics, step=step)
+        with tempfile.TemporaryDirectory() as folder:
+            self._log_file(write_table(table, Path(folder) / "per_case_last_validation.csv"), "validation")
+            if self.validations % self.overlay_every == 0:
+                for index, example in enumerate(self._examples):
+                    png = draw_example(
+                        example, self.label_names, Path(folder) / f"case{index}_epoch{step:04d}.png"
+                    )
+                    self._log_file(png, "overlays")
+
+    def _log_file(self, path: Path, folder: str) -> None:
+        self.client.log_artifact(self.cur_run.info.run_id, str(path), artifact_path=folder)
+
+
+def per_case_table(engine: Engine, label_names: Mapping[int, str], cases: list[str]) -> list[dict[str, Any]]:
+    """Rows of per-class Dice/IoU from the metric handlers' saved details (``save_details=True``)."""
+    details = getattr(engine.state, "metric_details", None) or {}
+    names = [label_names[index] for index in sorted(label_names)]
+    rows: dict[int, dict[str, Any]] = {}
+    for metric, values in details.items():
+        short = "dice" if "dice" in metric else "iou" if "iou" in metric else metric
+        for case, per_class in enumerate(torch.as_tensor(values).cpu().tolist()):
+            row = rows.setdefault(case, {"case": cases[case] if len(cases) == len(values) else case})
+            row.update({f"val_{short}_{name}": value for name, value in zip(names, per_class, strict=False)})
+    return [rows[index] for index in sorted(rows)]
+
+
+def column_means(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean of each metric column over the cases that have a value (NaN: class absent in both)."""
+    means = {}
+    for column in rows[0] if rows else {}:
+        values = [
+            float(row[column]) for row in rows if column != "case" and not math.isnan(float(row[column]))
+        ]
+        if values:
+            means[column] = sum(values) / len(values)
+    return means
+
+
+def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]) if rows else ["case"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def draw_example(example: Mapping[str, torch.Tensor], label_names: Mapping[int, str], png: Path) -> Path:
+    """Image, ground truth and prediction of one validation case (in the network's space)."""
+    import nibabel as nib
+    import numpy as np
+
+    from pipeline.visualisation import save_overlay
+
+    affine = np.asarray(getattr(example["image"], "affine", torch.eye(4)), dtype=float)
+    files = {}
+    for key in ("image", "label", "pred"):
+        volume = example[key]
+        data = (
+            volume[0] if key == "image" else torch.argmax(volume, dim=0) if volume.shape[0] > 1 else volume[0]
+        )
+        files[key] = png.with_suffix(f".{key}.nii.gz")
+        nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), files[key])
+    return save_overlay(files["image"], files["pred"], png, label=files["label"], label_names=label_names)

@@ -1,0 +1,95 @@
+"""A DICOM dataset through the whole pipeline: datalist, check, train, inference (NIfTI and DICOM SEG),
+evaluate, with MLflow tracking that must never carry a patient identifier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from conftest import phantom, tiny
+from dicom_factory import IDENTIFIERS, expected_affine, write_series
+from mlflow.tracking import MlflowClient
+
+from pipeline.data.build import build_datalist
+from pipeline.data.check import check_datalist
+from pipeline.workflows import evaluate, infer, train
+
+GEOMETRY = {"spacing": (1.2, 1.2, 1.5), "origin": (-30.0, -20.0, 10.0), "row_direction": (1, 0, 0)}
+GEOMETRY["column_direction"] = (0, 0.9397, -0.3420)  # a 20-degree oblique series
+
+
+@pytest.fixture(scope="module")
+def dicom_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("dicom_dataset")
+    rng = np.random.default_rng(3)
+    affine = expected_affine(**GEOMETRY, ras=True)
+    for index in range(4):
+        image, label = phantom((40, 44, 36), rng)
+        case = f"case{index}"
+        stored = np.clip(image + 1024, 0, 4000).astype(np.int16)  # intercept -1024 gives the image back
+        write_series(root / "images" / case, stored, **GEOMETRY, intercept=-1024.0, modality="MR")
+        (root / "labels").mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(label, affine), root / "labels" / f"{case}.nii.gz")
+    return build_datalist(root, root / "datalist.json", folds=2, labels=["background", "organ", "core"])
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(dicom_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("dicom_run")
+    settings = {**tiny("unet3d"), "tracking_uri": f"sqlite:///{root / 'mlruns.db'}", "overlay_every": 1}
+    models = train("unet3d", dicom_dataset, root / "train", epochs=1, overrides=settings)
+    series = dicom_dataset.parent / "images" / "case0"
+    predictions = infer(
+        "unet3d", [series], root / "predictions", models / "model.pt", {**settings, "dicom_seg": True}
+    )
+    evaluation = evaluate(
+        "unet3d", dicom_dataset, root / "evaluation", models / "model.pt", "validation", settings
+    )
+    return {"root": root, "series": series, "predictions": predictions, "evaluation": evaluation, **settings}
+
+
+def test_the_dicom_datalist_passes_the_check(dicom_dataset: Path) -> None:
+    assert [f for f in check_datalist(dicom_dataset) if f.severity == "error"] == []
+
+
+def test_inference_writes_nifti_in_the_series_space_and_a_seg_over_it(pipeline_run: dict) -> None:
+    (nifti,) = sorted(pipeline_run["predictions"].glob("*.nii.gz"))
+    prediction = nib.load(nifti)
+    assert prediction.shape == (40, 44, 36)
+    np.testing.assert_allclose(prediction.affine, expected_affine(**GEOMETRY, ras=True), atol=1e-3)
+    (seg_file,) = sorted(pipeline_run["predictions"].glob("*.dcm"))
+    seg = highdicom.seg.segread(seg_file)
+    source_uid = pydicom.dcmread(
+        next(pipeline_run["series"].iterdir()), stop_before_pixels=True
+    ).SeriesInstanceUID
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source_uid
+
+
+def test_evaluation_scores_dicom_cases(pipeline_run: dict) -> None:
+    table = (pipeline_run["evaluation"] / "per_case.csv").read_text().splitlines()
+    assert table[0].startswith("case,dice_organ,dice_core") and len(table) == 3
+
+
+def test_no_patient_identifier_reaches_mlflow(pipeline_run: dict, tmp_path: Path) -> None:
+    client = MlflowClient(pipeline_run["tracking_uri"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {r.data.tags["workflow"] for r in runs} == {"train", "evaluate"}
+    secrets = [value for value in IDENTIFIERS.values() if value]
+    for run in runs:
+        visible = [run.info.run_name, *run.data.params, *run.data.params.values(), *run.data.metrics]
+        visible += [*run.data.tags, *run.data.tags.values()]
+        for artifact in text_artifacts(client, run.info.run_id, tmp_path / run.info.run_id):
+            visible.append(artifact.read_text(errors="replace"))
+        for secret in secrets:
+            assert not any(secret in str(text) for text in visible), (
+                f"{secret!r} leaked into run {run.info.run_name}"
+            )
+
+
+def text_artifacts(client: MlflowClient, run_id: str, into: Path) -> list[Path]:
+    local = Path(client.download_artifacts(run_id, "", str(into.mkdir(parents=True) or into)))
+    return [p for p in local.rglob("*") if p.suffix in {".csv", ".json", ".txt", ".yaml"}]
