@@ -41,15 +41,8 @@ def run_demo(output_dir: Path, epochs: int | None = None, data_dir: Path = DATA_
     started = time.perf_counter()
     output_dir = output_dir.resolve()
     datalist = prepare(data_dir / "mni_brain", data_dir / "cache")
-    runs = {workflow: new_run_name(f"{BUNDLE}-demo-{workflow}") for workflow in ("train", "evaluate")}
-
-    models = train(
-        BUNDLE,
-        datalist,
-        output_dir / "train",
-        epochs or DEMO_EPOCHS,
-        {**DEMO_SETTINGS, "run_name": runs["train"]},
-    )
+    evaluation_run = new_run_name(f"{BUNDLE}-evaluate")  # named here to attach the overlay to it after
+    models = train(BUNDLE, datalist, output_dir / "train", epochs or DEMO_EPOCHS, DEMO_SETTINGS)
     checkpoint = models / "model.pt"
     test_cases = cases(datalist, role="test")
     predictions = infer(
@@ -61,15 +54,10 @@ def run_demo(output_dir: Path, epochs: int | None = None, data_dir: Path = DATA_
         output_dir / "evaluation",
         checkpoint,
         "test",
-        {**DEMO_SETTINGS, "run_name": runs["evaluate"]},
+        {**DEMO_SETTINGS, "run_name": evaluation_run},
     )
     overlay = draw_overlay(test_cases[0], predictions, output_dir / "overlay.png", label_names(datalist))
-    add_to_run(
-        dataset_name(datalist),
-        runs["evaluate"],
-        [overlay, evaluation / CASE_TABLE],
-        {"training_run": runs["train"]},
-    )
+    add_to_run(dataset_name(datalist), evaluation_run, [overlay, evaluation / CASE_TABLE])
     means = read_metric_means(evaluation)
     print_summary(
         output_dir, datalist, predictions, evaluation, overlay, means, time.perf_counter() - started

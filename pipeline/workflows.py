@@ -199,7 +199,7 @@ def infer(
     output_dir: str | Path,
     checkpoint: str | Path,
     overrides: Mapping[str, Any] | None = None,
-    tracking: bool = False,
+    tracking: bool = True,
 ) -> Path:
     """Segment the inputs into ``<output_dir>/<case>_seg.nii.gz``; returns ``output_dir``."""
     usable = usable_inputs(inputs)

@@ -46,9 +46,9 @@ def test_demo_runs_every_stage(
     )
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("MNI152-2009-brain-tissue")
-    runs = {r.info.run_name.split("-demo-")[1][:5]: r for r in client.search_runs([experiment.experiment_id])}
-    assert {"train", "evalu"} <= set(runs)
-    evaluation = runs["evalu"]
+    runs = {r.data.tags["workflow"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"train", "inference", "evaluate"}
+    evaluation = runs["evaluate"]
     assert evaluation.data.tags["training_run"] == runs["train"].info.run_name
     assert {"overlay.png", "per_case.csv"} <= {a.path for a in client.list_artifacts(evaluation.info.run_id)}
     assert "mean_dice" in evaluation.data.metrics and "train_loss" in runs["train"].data.metrics

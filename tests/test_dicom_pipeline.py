@@ -77,7 +77,7 @@ def test_evaluation_scores_dicom_cases(pipeline_run: dict) -> None:
 def test_no_patient_identifier_reaches_mlflow(pipeline_run: dict, tmp_path: Path) -> None:
     client = MlflowClient(pipeline_run["tracking_uri"])
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert {r.data.tags["workflow"] for r in runs} == {"train", "evaluate"}
+    assert {r.data.tags["workflow"] for r in runs} == {"train", "inference", "evaluate"}
     secrets = [value for value in IDENTIFIERS.values() if value]
     for run in runs:
         visible = [run.info.run_name, *run.data.params, *run.data.params.values(), *run.data.metrics]
@@ -93,3 +93,17 @@ def test_no_patient_identifier_reaches_mlflow(pipeline_run: dict, tmp_path: Path
 def text_artifacts(client: MlflowClient, run_id: str, into: Path) -> list[Path]:
     local = Path(client.download_artifacts(run_id, "", str(into.mkdir(parents=True) or into)))
     return [p for p in local.rglob("*") if p.suffix in {".csv", ".json", ".txt", ".yaml"}]
+
+
+def test_inference_skips_a_bad_input_with_one_line_and_segments_the_rest(
+    pipeline_run: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    checkpoint = pipeline_run["root"] / "train" / "models" / "model.pt"
+    settings = {key: value for key, value in pipeline_run.items() if key in {*tiny("unet3d"), "tracking_uri"}}
+    with caplog.at_level("ERROR", logger="pipeline.workflows"):
+        out = infer("unet3d", [broken, pipeline_run["series"]], tmp_path / "out", checkpoint, settings)
+    (skipped,) = [r.getMessage() for r in caplog.records if r.name == "pipeline.workflows"]
+    assert skipped.startswith(f"skipping {broken}: ") and "\n" not in skipped
+    assert len(list(out.glob("*.nii.gz"))) == 1

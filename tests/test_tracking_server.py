@@ -71,7 +71,7 @@ def tracked(server: str, phantom_datalist: Path, tmp_path_factory: pytest.TempPa
     evaluate("unet3d", phantom_datalist, root / "evaluation", checkpoint, "test", settings)
     client = MlflowClient(server)
     runs = client.search_runs([client.get_experiment_by_name("phantoms").experiment_id])
-    return {"client": client, "runs": {r.data.tags["workflow"]: r for r in runs}}
+    return {"client": client, "runs": {r.data.tags["workflow"]: r for r in runs}, "root": root}
 
 
 def artifact_paths(client: MlflowClient, run_id: str, folder: str | None = None) -> set[str]:
@@ -111,6 +111,24 @@ def test_training_run_records_params_metrics_tags_and_artifacts(tracked: dict) -
     assert sum(p.startswith("overlays/") and p.endswith(".png") for p in artifacts) == 4, (
         "2 cases x 2 validations"
     )
+
+
+def test_running_the_same_training_again_continues_its_run(
+    tracked: dict, server: str, phantom_datalist: Path
+) -> None:
+    client, first = tracked["client"], tracked["runs"]["train"]
+    train(
+        "unet3d",
+        phantom_datalist,
+        tracked["root"] / "run",
+        epochs=3,
+        overrides={**tiny("unet3d"), "tracking_uri": server},
+    )
+    again = client.get_run(first.info.run_id)
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "val_mean_dice")] == [1, 2, 3]
+    assert again.data.tags["resumed"] == "true" and again.info.status == "FINISHED"
+    experiment = client.get_experiment_by_name("phantoms").experiment_id
+    assert len(client.search_runs([experiment], "tags.workflow = 'train'")) == 1
 
 
 def test_evaluation_run_is_linked_to_its_training(tracked: dict) -> None:
