@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipeline.io.atomic import atomic_write
 
 
 class CheckpointError(RuntimeError):
@@ -15,37 +15,10 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename over the target.
-
-    The rename is atomic on POSIX file systems, so readers see the old file or the new one,
-    never half of one; fsync first so the rename cannot reach the disk before the data.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            torch.save(obj, tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (the directory entry)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """torch.save through ``atomic_write``: a crash mid-save leaves the previous checkpoint intact."""
+    with atomic_write(path) as handle:
+        torch.save(obj, handle)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -16,8 +16,6 @@ is not valid DICOM, so the caller decides what "nothing found" means for its PAC
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -29,6 +27,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
+
+from pipeline.io.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def write_dicom_seg(
         omit_empty_frames=True,
         series_description=series_description,
     )
-    _save_atomic(seg, out_path)
+    with atomic_write(out_path) as handle:  # a PACS watcher never sees half a SEG
+        seg.save_as(handle, enforce_file_format=True)
     log.info("wrote DICOM SEG %s: %d segment(s) over %d source instances", out_path, len(values), len(source))
     return out_path
 
@@ -239,18 +240,3 @@ def _describe(
     )
     description.SegmentDescription = f"{name} (label value {value})"
     return description
-
-
-def _save_atomic(dataset: Dataset, path: Path) -> None:
-    """Write to a temporary file beside the target, fsync, rename: a PACS watcher never sees half a SEG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            dataset.save_as(tmp, enforce_file_format=True)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise

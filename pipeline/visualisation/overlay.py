@@ -6,8 +6,6 @@ workers, MLflow callbacks or threads never touches global backend or figure stat
 
 from __future__ import annotations
 
-import os
-import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +16,8 @@ from matplotlib.axes import Axes
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+
+from pipeline.io.atomic import atomic_write
 
 # Fixed, high-contrast colours by class index (index 1 first), so that a class looks the same in every
 # picture. Picked from a qualitative palette for visibility on a grey image; indices past the end wrap.
@@ -241,15 +241,6 @@ def save_overlay(
 ) -> Path:
     """Render axial/coronal/sagittal overlays to a PNG, atomically so watchers never read half a file."""
     fig = overlay_figure(image, seg, label=label, label_names=label_names, title=title, modality=modality)
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder so os.replace is an atomic rename; "x" mode keeps umask-based permissions (mkstemp is 0600).
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fig.savefig(fh, format="png", dpi=DPI)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    with atomic_write(out_png) as handle:
+        fig.savefig(handle, format="png", dpi=DPI)
+    return Path(out_png)
