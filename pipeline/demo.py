@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 from pipeline.data.datalist import cases, dataset_name, label_names
+from pipeline.data.layouts import case_name
 from pipeline.data.mni_brain import prepare
 from pipeline.evaluation import read_metric_means
-from pipeline.evaluation.report import CASE_TABLE, case_name
+from pipeline.evaluation.report import CASE_TABLE
 from pipeline.tracking import PROJECT_ROOT, add_to_run, default_tracking_uri, new_run_name
 from pipeline.visualisation import save_overlay
 from pipeline.workflows import evaluate, infer, train
@@ -66,7 +67,7 @@ def run_demo(output_dir: Path, epochs: int | None = None, data_dir: Path = DATA_
 
 
 def draw_overlay(case: dict, predictions: Path, out_png: Path, labels: dict[int, str]) -> Path:
-    name = case_name(case["image"])
+    name = case_name(Path(case["image"]))
     return save_overlay(
         case["image"],
         predictions / f"{name}_seg.nii.gz",

@@ -19,6 +19,7 @@ from monai.bundle import run as run_bundle_config
 
 from pipeline.data.datalist import image_cases
 from pipeline.io.checkpoint import CheckpointError
+from pipeline.io.dicom import SERIES_SEPARATOR, split_series_path
 from pipeline.tracking import PROJECT_ROOT, TrackingUnavailable, check_reachable, default_tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -80,8 +81,8 @@ def usable_inputs(inputs: Sequence[str | Path]) -> list[str]:
 
 def absolute(path: str | Path) -> str:
     """An absolute input path; a DICOM ``folder#uid`` keeps its series selector."""
-    folder, _, uid = str(path).partition("#") if not Path(path).exists() else (str(path), "", "")
-    return str(Path(folder).resolve()) + (f"#{uid}" if uid else "")
+    folder, uid = split_series_path(path)
+    return str(folder.resolve()) + (f"{SERIES_SEPARATOR}{uid}" if uid else "")
 
 
 def require_checkpoint(checkpoint: str | Path) -> Path:

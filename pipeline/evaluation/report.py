@@ -6,6 +6,8 @@ import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pipeline.data.layouts import case_name
+
 CASE_TABLE = "per_case.csv"
 
 
@@ -26,10 +28,6 @@ def read_per_case(output_dir: str | Path, metric: str) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def case_name(path: str | Path) -> str:
-    return Path(path).name.removesuffix(".gz").removesuffix(".nii")
-
-
 def write_case_table(output_dir: str | Path, labels: Mapping[int, str], metrics: Sequence[str]) -> Path:
     """One row per case, one column per metric and class *name* (MetricsSaver numbers them from 0
     without the background, so ``class0`` is label 1)."""
@@ -39,7 +37,7 @@ def write_case_table(output_dir: str | Path, labels: Mapping[int, str], metrics:
     for metric in metrics:
         short = metric.removeprefix("mean_")
         for row in read_per_case(output_dir, metric):
-            named = table.setdefault(case_name(row["filename"]), {})
+            named = table.setdefault(case_name(Path(row["filename"])), {})
             for position, name in enumerate(foreground):
                 named[f"{short}_{name}"] = row[f"class{position}"]
             named[f"{short}_mean"] = row["mean"]

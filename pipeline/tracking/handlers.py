@@ -27,10 +27,6 @@ from pipeline.tracking.store import TrackingUnavailable
 
 logger = logging.getLogger(__name__)
 
-# Fail fast instead of MLflow's minutes of retries when the server is gone.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
 _LOST_URIS: set[str] = set()  # servers already reported lost in this process: report once
 
 

@@ -12,6 +12,11 @@ from monai.utils import path_to_sqlite_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
+# Fail fast instead of MLflow's minutes of retries when a tracking server is gone (a user's own
+# settings win); every tracking path imports this module first.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
 
 def local_store() -> Path:
     """The checkout's ``mlflow/`` when running from one (what ``make mlflow-ui`` serves), else the
@@ -87,8 +92,6 @@ def check_reachable(uri: str) -> None:
         return
     from mlflow.tracking import MlflowClient
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as error:
