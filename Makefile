@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 TORCH_SPEC := $(VENV)/.torch-spec
 
-.PHONY: setup demo test lint bench mlflow-ui clean distclean FORCE
+.PHONY: setup demo test test-long lint bench mlflow-ui clean distclean FORCE
 
 setup: $(INSTALLED)
 
@@ -29,7 +29,11 @@ demo: setup
 	$(BIN)/medseg demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not long"
+
+# The reliability tests that take minutes: real processes killed at random, memory over 50 cases.
+test-long: setup
+	$(BIN)/python -m pytest -q -m long
 
 # Speed per bundle on this machine; never part of `make test`.
 bench: setup

@@ -12,12 +12,17 @@ from typing import Any
 
 import yaml
 
+from pipeline.compare import add_compare_command
 from pipeline.data.build import add_datalist_command
 from pipeline.data.check import add_check_command
 from pipeline.export import add_export_command
+from pipeline.inference.batch import CaseFailures
+from pipeline.io.atomic import DiskFullError
 from pipeline.io.checkpoint import CheckpointError
 from pipeline.io.dicom import add_dicom2nifti_command
 from pipeline.tracking.store import TrackingUnavailable
+from pipeline.training.interrupt import TrainingInterrupted
+from pipeline.visualisation.commands import add_overlay_commands
 
 
 def parse_value(text: str) -> Any:
@@ -58,34 +63,70 @@ def _train(args: argparse.Namespace) -> None:
     print(f"checkpoints: {models}")
 
 
-def _infer(args: argparse.Namespace) -> None:
-    from pipeline.workflows import infer
+def default_checkpoint(bundle: str) -> Path:
+    return Path("outputs") / bundle / "models" / "model.pt"
 
-    checkpoint = args.checkpoint or Path("outputs") / args.bundle / "models" / "model.pt"
+
+def ensemble_members(text: str) -> list[tuple[str, Path]]:
+    """``bundle[=checkpoint],...`` (a bare name means that bundle's default checkpoint)."""
+    members = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, checkpoint = item.partition("=")
+        members.append((name, Path(checkpoint) if checkpoint else default_checkpoint(name)))
+    return members
+
+
+def _infer(args: argparse.Namespace) -> None:
+    from pipeline.workflows import infer, infer_ensemble
+
+    checkpoint = args.checkpoint or default_checkpoint(args.bundle)
     overrides = {**tracking_overrides(args), **parse_overrides(args.overrides)}
     if args.dicom_seg:
         overrides["dicom_seg"] = True
-    out = infer(args.bundle, args.input, args.output, checkpoint, overrides)
+    if args.ensemble:
+        members = [(args.bundle, Path(checkpoint)), *ensemble_members(args.ensemble)]
+        names, checkpoints = [name for name, _ in members], [path for _, path in members]
+        out = infer_ensemble(names, checkpoints, args.input, args.output, overrides, overwrite=args.overwrite)
+    else:
+        out = infer(args.bundle, args.input, args.output, checkpoint, overrides, overwrite=args.overwrite)
     print(f"segmentations: {out}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from pipeline.evaluation import read_metric_means
+    from pipeline.evaluation import REPORT_FILE, read_summary
+    from pipeline.evaluation.report import summary_lines
+
+    if args.bundle and "=" in args.bundle:  # no bundle given: argparse took the first key=value for it
+        args.overrides, args.bundle = [args.bundle, *args.overrides], None
+    out = _score_predictions(args) if args.predictions else _run_evaluation(args)
+    print("\n".join(summary_lines(read_summary(out))))
+    print(f"report: {Path(out) / REPORT_FILE}")
+
+
+def _run_evaluation(args: argparse.Namespace) -> Path:
     from pipeline.workflows import evaluate
 
-    checkpoint = args.checkpoint or Path("outputs") / args.bundle / "models" / "model.pt"
+    if not args.bundle:
+        raise ValueError("give a bundle to run, or --predictions DIR to score segmentations already on disk")
+    checkpoint = args.checkpoint or default_checkpoint(args.bundle)
     output = args.output or Path("outputs") / args.bundle / f"evaluation_{args.split}"
     overrides = {**tracking_overrides(args), **parse_overrides(args.overrides)}
-    out = evaluate(args.bundle, args.data, output, checkpoint, args.split, overrides)
-    for name, value in read_metric_means(out).items():
-        print(f"{name}: {value:.4f}")
-    print(f"per-case metrics: {out}")
+    return evaluate(args.bundle, args.data, output, checkpoint, args.split, overrides)
 
 
-def _overlay(args: argparse.Namespace) -> None:
-    from pipeline.visualisation import save_overlay
+def _score_predictions(args: argparse.Namespace) -> Path:
+    from pipeline.evaluation import evaluate_predictions
 
-    print(save_overlay(args.image, args.seg, args.output, label=args.label, modality=args.modality))
+    if args.bundle or args.checkpoint:
+        raise ValueError("--predictions scores files on disk: give no bundle and no --checkpoint with it")
+    options = parse_overrides(args.overrides)
+    unknown = sorted(set(options) - {"val_fold", "dataset_dir"})
+    if unknown:
+        raise ValueError(
+            f"with --predictions only val_fold= and dataset_dir= apply, not {', '.join(unknown)}"
+        )
+    output = args.output or Path(args.predictions).parent / f"evaluation_{args.split}"
+    return evaluate_predictions(args.predictions, args.data, output, args.split, **options)
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -154,14 +195,29 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     infer.add_argument(
         "--dicom-seg", action="store_true", help="also write a DICOM SEG for DICOM series inputs"
     )
+    infer.add_argument(
+        "--overwrite", action="store_true", help="segment again the cases whose output exists (skipped)"
+    )
+    infer.add_argument(
+        "--ensemble",
+        metavar="BUNDLE[=CHECKPOINT],...",
+        help="average the softmax of these checkpoints with the first bundle's (bundles or folds)",
+    )
     infer.set_defaults(func=_infer)
 
-    evaluate = commands.add_parser("evaluate", help="Dice and IoU per case and class on a datalist split")
-    evaluate.add_argument("bundle")
-    evaluate.add_argument("--data", required=True)
+    evaluate = commands.add_parser(
+        "evaluate", help="Dice, IoU, HD95, ASD and volumes per case and class, with an HTML report"
+    )
+    evaluate.add_argument("bundle", nargs="?", help="run this bundle's network (omit with --predictions)")
+    evaluate.add_argument("--data", required=True, help="MSD-style datalist with the labels")
     evaluate.add_argument("--split", default="validation", choices=["validation", "test", "train", "all"])
     evaluate.add_argument("--checkpoint")
-    evaluate.add_argument("--output")
+    evaluate.add_argument(
+        "--predictions", help="score <case>_seg.nii.gz files in this folder instead (no network, untracked)"
+    )
+    evaluate.add_argument(
+        "--output", help="default outputs/<bundle>/evaluation_<split>, or beside --predictions"
+    )
     evaluate.set_defaults(func=_evaluate)
     for command in (train, infer, evaluate):
         add_tracking_options(command)
@@ -179,14 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_command(commands)
     add_dicom2nifti_command(commands)
     add_export_command(commands)
+    add_compare_command(commands)
 
-    overlay = commands.add_parser("overlay", help="colour overlay PNG of a segmentation")
-    overlay.add_argument("image")
-    overlay.add_argument("seg")
-    overlay.add_argument("--label", help="ground truth, shown beside the prediction with the Dice")
-    overlay.add_argument("--modality", default="MRI")
-    overlay.add_argument("-o", "--output", required=True)
-    overlay.set_defaults(func=_overlay)
+    add_overlay_commands(commands)
 
     download = commands.add_parser("download", help="fetch a standard dataset (e.g. msd-spleen)")
     download.add_argument("name")
@@ -220,12 +271,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.output = str(Path("outputs") / args.bundle)
     try:
         status = args.func(args)
+    except TrainingInterrupted as stopped:  # a checkpoint was written: 130 (SIGINT) / 143 (SIGTERM)
+        print(f"medseg: training {stopped}", file=sys.stderr)
+        return stopped.interruption.exit_status
+    except CaseFailures as error:  # the other cases were segmented
+        print(f"medseg: error: {error}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, FileExistsError, ValueError, CheckpointError, TrackingUnavailable) as error:
         print(f"medseg: error: {error}", file=sys.stderr)
+        return 2
+    except DiskFullError as error:
+        print(f"medseg: error: {error}; the previous file, if any, is intact", file=sys.stderr)
         return 2
     except subprocess.CalledProcessError as error:
         print(f"medseg: error: the distributed run exited with {error.returncode}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("medseg: interrupted", file=sys.stderr)
+        return 130
     return int(status or 0)
 
 

@@ -1,8 +1,8 @@
 """``make demo``: the whole pipeline once on the real sample dataset, sized for a 2-core CPU.
 
 Prepare the MNI152 brain-tissue cases, train the 3D U-Net bundle, segment the held-out test
-cases into their own space, score them, draw one overlay, record it all in MLflow, and say
-where everything is.
+cases into their own space, score them with and without post-processing (``report.html``), draw
+one overlay, record it all in MLflow, and say where everything is.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 from pipeline.data.datalist import cases, dataset_name, label_names
 from pipeline.data.layouts import case_name
 from pipeline.data.mni_brain import prepare
-from pipeline.evaluation import read_metric_means
-from pipeline.evaluation.report import CASE_TABLE
+from pipeline.evaluation import CASE_TABLE, REPORT_FILE, read_summary
+from pipeline.evaluation.report import flat_means, summary_lines
 from pipeline.tracking import PROJECT_ROOT, add_to_run, default_tracking_uri, new_run_name
 from pipeline.visualisation import save_overlay
 from pipeline.workflows import evaluate, infer, train
@@ -33,12 +33,17 @@ DEMO_SETTINGS = {
     "warmup_epochs": 1,
     "val_interval": 10,
     "num_workers": 0,
+    # Measured on the validation cases with the demo's checkpoint (no test case seen): islands under
+    # 100 mm^3 removed changes Dice by < 0.001 and grey-matter HD95 by -0.07 mm; keeping only the
+    # largest white-matter component raised its HD95 from 4.4 to 23 mm, since a slab of brain cuts
+    # the white matter into several true pieces; filling holes changed nothing. So: islands only.
+    "min_component_mm3": 100,
 }
 DEMO_EPOCHS = 120
 
 
 def run_demo(output_dir: Path, epochs: int | None = None, data_dir: Path = DATA_DIR) -> dict[str, float]:
-    """Run every stage; returns the test-set metric means."""
+    """Run every stage; returns the test-set means (``dice_<class>``, ``hd95_mean``, ``argmax_...``)."""
     started = time.perf_counter()
     output_dir = output_dir.resolve()
     datalist = prepare(data_dir / "mni_brain", data_dir / "cache")
@@ -58,12 +63,12 @@ def run_demo(output_dir: Path, epochs: int | None = None, data_dir: Path = DATA_
         {**DEMO_SETTINGS, "run_name": evaluation_run},
     )
     overlay = draw_overlay(test_cases[0], predictions, output_dir / "overlay.png", label_names(datalist))
-    add_to_run(dataset_name(datalist), evaluation_run, [overlay, evaluation / CASE_TABLE])
-    means = read_metric_means(evaluation)
+    add_to_run(dataset_name(datalist), evaluation_run, [overlay])
+    summary = read_summary(evaluation)
     print_summary(
-        output_dir, datalist, predictions, evaluation, overlay, means, time.perf_counter() - started
+        output_dir, datalist, predictions, evaluation, overlay, summary, time.perf_counter() - started
     )
-    return means
+    return flat_means(summary)
 
 
 def draw_overlay(case: dict, predictions: Path, out_png: Path, labels: dict[int, str]) -> Path:
@@ -84,7 +89,7 @@ def print_summary(
     predictions: Path,
     evaluation: Path,
     overlay: Path,
-    means: dict[str, float],
+    summary: dict,
     seconds: float,
 ) -> None:
     rows = [
@@ -92,13 +97,14 @@ def print_summary(
         ("checkpoints", output_dir / "train" / "models"),
         ("segmentations", predictions),
         ("per-case metrics", evaluation / CASE_TABLE),
+        ("report", evaluation / REPORT_FILE),
         ("overlay", overlay),
         ("MLflow store", default_tracking_uri()),
     ]
     print("\n" + "=" * 72)
     print(f"demo finished in {seconds / 60:.1f} min; on the held-out test cases:")
-    for name, value in means.items():
-        print(f"  {name:<17} {value:.4f}")
+    for line in summary_lines(summary):
+        print(f"  {line}")
     for name, path in rows:
         print(f"  {name:<17} {path}")
     print(f"MLflow UI: run `make mlflow-ui` in {PROJECT_ROOT}, then open http://127.0.0.1:5000")

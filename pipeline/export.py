@@ -35,6 +35,8 @@ OPTION = re.compile(
 CODE = re.compile(r"```.*?```|`[^`\n]+`", re.DOTALL)
 # A string that is an absolute path, or an expression passing a quoted absolute path as an argument.
 ABSOLUTE = re.compile(r"""^(?:/|~/|[A-Za-z]:[\\/]|\\\\)|[(\[,=]\s*['"](?:/|~/|[A-Za-z]:[\\/])""")
+# A path climbing out of the bundle folder (``../``), as a macro (``%../x.yaml::id``) or inside an expression.
+PARENT = re.compile(r"(?:^|[^\w.])\.\.[/\\]")
 NOTE = (
     "> Exported from medseg-pipeline (bundle `{name}`, version {version}). The configs import its "
     "`pipeline` package: `pip install medseg-pipeline` first. Run the commands below from this folder; "
@@ -165,7 +167,10 @@ def check_portable(configs: Path) -> None:
         bad = [
             text
             for text in _strings(json.loads(path.read_text()))
-            if str(PROJECT_ROOT) in text or re.search(r"bundles[/\\]common", text) or ABSOLUTE.search(text)
+            if str(PROJECT_ROOT) in text
+            or re.search(r"bundles[/\\]common", text)
+            or ABSOLUTE.search(text)
+            or PARENT.search(text)
         ]
         if bad:
             raise ValueError(f"{path.name} refers outside the exported bundle: {', '.join(bad[:3])}")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,12 @@ from monai.bundle import ConfigParser
 from monai.bundle import run as run_bundle_config
 
 from pipeline.data.datalist import image_cases
-from pipeline.io.checkpoint import CheckpointError
+from pipeline.inference.batch import CaseFailures, Failure, cases_to_segment
+from pipeline.io.atomic import DiskFullError
+from pipeline.io.checkpoint import CheckpointError, load_checkpoint, load_weights, network_weights
 from pipeline.io.dicom import SERIES_SEPARATOR, split_series_path
 from pipeline.tracking import PROJECT_ROOT, TrackingUnavailable, check_reachable, default_tracking_uri
+from pipeline.training.interrupt import TrainingInterrupted, last_interruption
 
 logger = logging.getLogger(__name__)
 
@@ -63,20 +67,19 @@ def require_valid_data(datalist: str | Path, roles: tuple[str, ...], overrides: 
     require_valid(datalist, overrides.get("dataset_dir"), roles, val_fold=int(overrides.get("val_fold", 0)))
 
 
-def usable_inputs(inputs: Sequence[str | Path]) -> list[str]:
-    """The inputs that pass the image checks; each refused one is named with its reason, once."""
+def usable_inputs(inputs: Sequence[str | Path]) -> tuple[list[str], list[Failure]]:
+    """The inputs that pass the image checks, and the refused ones, each logged with its reason once."""
     from pipeline.data.check import check_image
 
-    usable = []
+    usable, refused = [], []
     for case in image_cases([str(p) for p in inputs]):
         errors = [f for f in check_image(case["image"]) if f.severity == "error"]
         if errors:
             logger.error("skipping %s", errors[0])
+            refused.append(Failure(str(case["image"]), errors[0].problem))
         else:
             usable.append(case["image"])
-    if not usable:
-        raise ValueError(f"none of the {len(inputs)} inputs can be segmented (reasons above)")
-    return usable
+    return usable, refused
 
 
 def absolute(path: str | Path) -> str:
@@ -89,6 +92,39 @@ def require_checkpoint(checkpoint: str | Path) -> Path:
     path = Path(checkpoint)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train first or pass --checkpoint")
+    return path
+
+
+# Errors whose message is the whole story for a user (they name the file and what is wrong).
+USER_ERRORS = (FileNotFoundError, ValueError, CheckpointError, CaseFailures, DiskFullError)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """MONAI wraps an error raised inside a config expression in ``RuntimeError("Failed to evaluate
+    ...")`` with the whole config item; re-raise the user's own error (a missing file) as it is."""
+    try:
+        yield
+    except RuntimeError as error:
+        cause: BaseException = error
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is not error and isinstance(cause, USER_ERRORS):
+            raise cause from None
+        raise
+
+
+def require_fitting_checkpoint(name: str, checkpoint: str | Path, overrides: Mapping[str, Any]) -> Path:
+    """The checkpoint exists and fits the bundle's network as configured, checked before any data is
+    read: a wrong one fails here, naming the file and the first differing parameter."""
+    path = require_checkpoint(checkpoint)
+    parser = ConfigParser()
+    parser.read_meta(meta_files(name))
+    parser.read_config(config_files(name, "inference"))
+    parser.update({**overrides, "bundle_root": str(bundle_dir(name)), "checkpoint": str(path.resolve())})
+    with user_errors():
+        network = parser.get_parsed_content("network_def")
+    load_weights(network, network_weights(load_checkpoint(path)), path)
     return path
 
 
@@ -129,14 +165,15 @@ def run_workflow(
     """Run one workflow in this process; ``overrides`` maps config ids to values, as ``--id value`` does."""
     folder = bundle_dir(name)
     preflight_tracking(overrides or {}, tracking)
-    run_bundle_config(
-        meta_file=meta_files(name),
-        config_file=config_files(name, workflow),
-        logging_file=str(LOGGING_FILE),
-        tracking=str(TRACKING_FILE) if tracking else None,
-        bundle_root=str(folder),
-        **dict(overrides or {}),
-    )
+    with user_errors():
+        run_bundle_config(
+            meta_file=meta_files(name),
+            config_file=config_files(name, workflow),
+            logging_file=str(LOGGING_FILE),
+            tracking=str(TRACKING_FILE) if tracking else None,
+            bundle_root=str(folder),
+            **dict(overrides or {}),
+        )
 
 
 def command_line_value(value: Any) -> str:
@@ -173,7 +210,8 @@ def train(
 ) -> Path:
     """Train a bundle; checkpoints go to ``<output_dir>/models``. Rerunning resumes. Returns that folder.
 
-    With ``nproc`` > 1, one process per GPU (or CPU worker) through torchrun.
+    With ``nproc`` > 1, one process per GPU (or CPU worker) through torchrun. A run stopped by
+    SIGINT/SIGTERM raises ``TrainingInterrupted`` once its checkpoint is written.
     """
     overrides = dict(overrides or {})
     if check_data:
@@ -191,7 +229,17 @@ def train(
         launch_distributed(name, nproc, {**settings, **overrides}, tracking)
     else:
         run_workflow(name, "train", {**settings, **overrides}, tracking)
+        stopped = last_interruption()
+        if stopped is not None:
+            raise TrainingInterrupted(stopped)
     return output_dir / "models"
+
+
+def workflow_setting(name: str, workflow: str, key: str, overrides: Mapping[str, Any]) -> Any:
+    """A plain (not computed) config value as the workflow will see it: override, else its files."""
+    if key in overrides:
+        return overrides[key]
+    return ConfigParser.load_config_files(config_files(name, workflow))[key]
 
 
 def infer(
@@ -201,17 +249,36 @@ def infer(
     checkpoint: str | Path,
     overrides: Mapping[str, Any] | None = None,
     tracking: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Segment the inputs into ``<output_dir>/<case>_seg.nii.gz``; returns ``output_dir``."""
-    usable = usable_inputs(inputs)
-    require_checkpoint(checkpoint)
+    """Segment the inputs into ``<output_dir>/<case>_seg.nii.gz``; returns ``output_dir``.
+
+    Cases already segmented there are skipped unless ``overwrite``. A case that cannot be
+    segmented is skipped and the others go on; ``CaseFailures`` then lists every failure.
+    """
+    overrides = dict(overrides or {})
+    overwrite = bool(overwrite or overrides.pop("overwrite", False))  # the flag, or the config key
     output_dir = Path(output_dir).resolve()
+    postfix = workflow_setting(name, "inference", "output_postfix", overrides)
+    pending = [case["image"] for case in cases_to_segment(inputs, output_dir, postfix, overwrite)]
+    if not pending:
+        return output_dir
+    require_fitting_checkpoint(name, checkpoint, overrides)
+    usable, refused = usable_inputs(pending)
     settings = {
         "input": [absolute(p) for p in usable],
         "output_dir": str(output_dir),
         "checkpoint": str(Path(checkpoint).resolve()),
+        "overwrite": overwrite,
     }
-    run_workflow(name, "inference", {**settings, **dict(overrides or {})}, tracking)
+    failed: list[Failure] = []
+    if usable:
+        try:
+            run_workflow(name, "inference", {**settings, **overrides}, tracking)
+        except CaseFailures as failures:
+            failed = failures.failures
+    if refused or failed:
+        raise CaseFailures(refused + failed, len(pending))
     return output_dir
 
 
@@ -237,3 +304,28 @@ def evaluate(
     }
     run_workflow(name, "evaluate", {**settings, **dict(overrides or {})}, tracking)
     return output_dir
+
+
+def infer_ensemble(
+    names: Sequence[str],
+    checkpoints: Sequence[str | Path],
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    tracking: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """One segmentation per input from the mean softmax of several checkpoints (bundles or folds).
+
+    The first member's inference workflow runs (its preprocessing, inversion and writing); every
+    member brings its own network and sliding window, and must share the preprocessed space.
+    """
+    if not names or len(names) != len(checkpoints):
+        raise ValueError(f"an ensemble needs one checkpoint per member: {list(names)}, {list(checkpoints)}")
+    for checkpoint in checkpoints:
+        require_checkpoint(checkpoint)
+    overrides = dict(overrides or {})
+    pairs = zip(names, checkpoints, strict=True)
+    members = [{"bundle": name, "checkpoint": str(Path(path).resolve())} for name, path in pairs]
+    settings = {"ensemble": members, "ensemble_overrides": overrides}
+    return infer(names[0], inputs, output_dir, checkpoints[0], {**overrides, **settings}, tracking, overwrite)

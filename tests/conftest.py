@@ -16,6 +16,7 @@ TINY_NETWORKS = {
     "resunet": {"channels": [4, 8, 16, 32, 64]},
     "attention_unet": {"channels": [4, 8, 16, 32, 64]},
     "unetr": {"feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4},
+    "multiresunet": {"features": [4, 8, 16, 32, 64]},
 }
 
 

@@ -29,7 +29,8 @@ def test_demo_runs_every_stage(
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     means = demo.run_demo(tmp_path / "demo", epochs=1, data_dir=sample_data_dir)
-    assert set(means) == {"mean_dice", "mean_iou"} and all(0.0 <= v <= 1.0 for v in means.values())
+    assert {"dice_grey_matter", "dice_white_matter", "hd95_mean", "argmax_dice_mean"} <= set(means)
+    assert all(0.0 <= v <= 1.0 for k, v in means.items() if "dice" in k or "iou" in k)
 
     for case in cases(sample_data_dir / "mni_brain" / "datalist.json", role="test"):
         source = nib.load(case["image"])
@@ -39,16 +40,16 @@ def test_demo_runs_every_stage(
         assert prediction.shape == source.shape and np.allclose(prediction.affine, source.affine, atol=1e-5)
 
     summary = capsys.readouterr().out
-    assert (
-        "mean_dice" in summary
-        and "make mlflow-ui" in summary
-        and str(tmp_path / "demo" / "overlay.png") in summary
-    )
+    assert "with post-processing" in summary and "without post-processing" in summary
+    assert "white_matter" in summary and "make mlflow-ui" in summary
+    assert str(tmp_path / "demo" / "overlay.png") in summary
+    assert str(tmp_path / "demo" / "evaluation" / "report.html") in summary
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("MNI152-2009-brain-tissue")
     runs = {r.data.tags["workflow"]: r for r in client.search_runs([experiment.experiment_id])}
     assert set(runs) == {"train", "inference", "evaluate"}
     evaluation = runs["evaluate"]
     assert evaluation.data.tags["training_run"] == runs["train"].info.run_name
-    assert {"overlay.png", "per_case.csv"} <= {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+    assert {"overlay.png", "per_case.csv", "per_case_argmax.csv", "report.html"} <= artifacts
     assert "mean_dice" in evaluation.data.metrics and "train_loss" in runs["train"].data.metrics

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.data.build import build_datalist
 from pipeline.data.check import check_datalist
+from pipeline.inference.batch import CaseFailures
 from pipeline.workflows import evaluate, infer, train
 
 GEOMETRY = {"spacing": (1.2, 1.2, 1.5), "origin": (-30.0, -20.0, 10.0), "row_direction": (1, 0, 0)}
@@ -102,8 +103,9 @@ def test_inference_skips_a_bad_input_with_one_line_and_segments_the_rest(
     broken.write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
     checkpoint = pipeline_run["root"] / "train" / "models" / "model.pt"
     settings = {key: value for key, value in pipeline_run.items() if key in {*tiny("unet3d"), "tracking_uri"}}
-    with caplog.at_level("ERROR", logger="pipeline.workflows"):
-        out = infer("unet3d", [broken, pipeline_run["series"]], tmp_path / "out", checkpoint, settings)
+    with caplog.at_level("ERROR", logger="pipeline.workflows"), pytest.raises(CaseFailures) as failed:
+        infer("unet3d", [broken, pipeline_run["series"]], tmp_path / "out", checkpoint, settings)
     (skipped,) = [r.getMessage() for r in caplog.records if r.name == "pipeline.workflows"]
     assert skipped.startswith(f"skipping {broken}: ") and "\n" not in skipped
-    assert len(list(out.glob("*.nii.gz"))) == 1
+    assert [f.case for f in failed.value.failures] == [str(broken)], "listed again at the end"
+    assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 1

@@ -1,27 +1,42 @@
-"""Checkpoints, resuming and progress lines, on real MONAI engines with a tiny network."""
+"""Checkpoints, resuming, stopping on a signal and progress lines, on real MONAI engines with a tiny
+network. Signals are real: the test process sends them to itself while the trainer runs."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from ignite.engine import Events
-from monai.data import DataLoader
+from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import LrScheduleHandler, MeanDice, ValidationHandler, from_engine
 from monai.losses import DiceCELoss
-from monai.transforms import Activationsd, AsDiscreted, Compose
+from monai.transforms import Activationsd, AsDiscreted, Compose, RandFlipd, RandGaussianNoised
 
 from pipeline.io.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from pipeline.training import ProgressLogger, TrainingCheckpoints
+from pipeline.training.interrupt import last_interruption
 from pipeline.training.progress import format_seconds
+
+AUGMENTATION = Compose(
+    [RandFlipd(["image", "label"], prob=0.5, spatial_axis=0), RandGaussianNoised("image", prob=0.5)]
+)
 
 
 def build_trainer(
-    ckpt_dir: Path, max_epochs: int, channels: int = 2
+    ckpt_dir: Path,
+    max_epochs: int,
+    channels: int = 2,
+    cases: int = 4,
+    augment: bool = False,
+    amp: bool = False,
 ) -> tuple[SupervisedTrainer, SupervisedEvaluator]:
+    """Two cases per iteration; ``augment`` adds random transforms and shuffling, whose generators a
+    resumed run must continue rather than restart."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
     data = [
@@ -29,7 +44,7 @@ def build_trainer(
             "image": torch.randn(1, 6, 6, 6, generator=generator),
             "label": torch.randint(0, 2, (1, 6, 6, 6), generator=generator),
         }
-        for _ in range(4)
+        for _ in range(cases)
     ]
     network = torch.nn.Conv3d(1, channels, 1)
     optimizer = torch.optim.AdamW(network.parameters(), lr=0.05)
@@ -50,6 +65,7 @@ def build_trainer(
             )
         },
     )
+    train_data = Dataset(data, AUGMENTATION) if augment else data
     handlers = [
         LrScheduleHandler(scheduler, print_lr=False),
         ValidationHandler(validator=validator, interval=1, epoch_level=True),
@@ -59,11 +75,12 @@ def build_trainer(
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=max_epochs,
-        train_data_loader=DataLoader(data, batch_size=2),
+        train_data_loader=DataLoader(train_data, batch_size=2, shuffle=augment),
         network=network,
         optimizer=optimizer,
         loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
         train_handlers=handlers,
+        amp=amp,
     )
     return trainer, validator
 
@@ -103,7 +120,7 @@ def test_a_resumed_run_keeps_a_better_earlier_best_model(tmp_path: Path) -> None
 def test_resuming_a_different_network_names_the_checkpoint(tmp_path: Path) -> None:
     build_trainer(tmp_path, max_epochs=1)[0].run()
     trainer, _ = build_trainer(tmp_path, max_epochs=2, channels=3)
-    with pytest.raises(CheckpointError, match=r"latest\.pt.*network does not match"):
+    with pytest.raises(CheckpointError, match=r"latest\.pt does not fit .* 2x1x1x1x1 .* and 3x1x1x1x1"):
         trainer.run()
 
 
@@ -132,3 +149,98 @@ def test_progress_lines_show_epoch_iteration_loss_and_time_left(
     assert lines[0].startswith("epoch 1/2  iter 1/2  loss ") and "left" in lines[0]
     assert any(line.startswith("epoch 2/2 done in") for line in lines)
     assert format_seconds(3725) == "1h02m05s" and format_seconds(float("nan")) == "?"
+
+
+def signal_during(trainer: SupervisedTrainer, iteration: int, signum: int) -> list[object]:
+    """Send ``signum`` to this process while ``iteration`` runs; returns the handler that each
+    later iteration found installed for it (the operating system's default after the first)."""
+    found: list[object] = []
+    trainer.add_event_handler(
+        Events.ITERATION_STARTED(once=iteration), lambda _: os.kill(os.getpid(), signum)
+    )
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED(event_filter=lambda _, i: i > iteration),
+        lambda _: found.append(signal.getsignal(signum)),
+    )
+    return found
+
+
+def test_sigterm_mid_epoch_stops_after_the_iteration_and_resumes_there(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    trainer, _ = build_trainer(tmp_path, max_epochs=3, cases=8)  # 4 iterations per epoch
+    signal_during(trainer, 6, signal.SIGTERM)
+    trainer.run()
+    assert (
+        trainer.state.iteration == 6 and load_checkpoint(tmp_path / "latest.pt")["trainer"]["iteration"] == 6
+    )
+    stopped = last_interruption()
+    assert stopped is not None and stopped.exit_status == 143 and stopped.iteration == 6
+    assert signal.getsignal(signal.SIGTERM) is before, "the process's own handler is back after the run"
+
+    again, _ = build_trainer(tmp_path, max_epochs=3, cases=8)
+    iterations = count_iterations(again)
+    again.run()
+    assert iterations == list(range(7, 13)), "the rest of epoch 2, then epoch 3"
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.9**3), "one step per epoch"
+    assert last_interruption() is None
+
+
+def test_a_signal_in_an_epochs_last_iteration_lets_the_epoch_end(tmp_path: Path) -> None:
+    trainer, validator = build_trainer(tmp_path, max_epochs=3)  # 2 iterations per epoch
+    found = signal_during(trainer, 2, signal.SIGINT)
+    trainer.run()
+    assert trainer.state.iteration == 2 and validator.state.epoch == 1, "validated before stopping"
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.9)
+    assert load_checkpoint(tmp_path / "latest.pt")["trainer"]["iteration"] == 2
+    assert last_interruption().exit_status == 130
+    assert found == [], "no iteration ran after it"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_after_the_first_signal_a_second_one_kills_at_once(tmp_path: Path) -> None:
+    trainer, _ = build_trainer(tmp_path, max_epochs=2, cases=8)
+    found = signal_during(trainer, 1, signal.SIGTERM)
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED(once=1), lambda _: found.append(signal.getsignal(signal.SIGINT))
+    )
+    trainer.run()
+    assert found == [signal.SIG_DFL], "SIGINT too is left to the operating system: no Python code delays it"
+
+
+def test_an_error_during_training_gives_the_signals_back(tmp_path: Path) -> None:
+    trainer, _ = build_trainer(tmp_path, max_epochs=2)
+
+    def fail(_: object) -> None:
+        raise ValueError("broken batch")
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2), fail)
+    with pytest.raises(ValueError, match="broken batch"):
+        trainer.run()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_resumed_run_continues_exactly_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    """Shuffling, random transforms and noise continue from their saved states: the weights after
+    1 epoch + resume + 2 epochs are bit for bit those of 3 epochs in one go."""
+    straight, _ = build_trainer(tmp_path / "straight", max_epochs=3, cases=6, augment=True)
+    straight.run()
+    first, _ = build_trainer(tmp_path / "resumed", max_epochs=1, cases=6, augment=True)
+    first.run()
+    rng = load_checkpoint(tmp_path / "resumed" / "latest.pt")["rng"]
+    assert {"torch", "numpy", "python", "transforms"} <= set(rng) and len(rng["transforms"]) >= 2
+    resumed, _ = build_trainer(tmp_path / "resumed", max_epochs=3, cases=6, augment=True)
+    resumed.run()
+    for name, value in straight.network.state_dict().items():
+        assert torch.equal(value, resumed.network.state_dict()[name]), name
+
+
+def test_the_amp_loss_scale_is_saved_and_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MONAI makes a CUDA GradScaler when a run starts with amp; on this CPU, a CPU one stands in."""
+    scales = iter([512.0, 2.0])
+    monkeypatch.setattr(torch.cuda.amp, "GradScaler", lambda: torch.amp.GradScaler("cpu", next(scales)))
+    trainer, _ = build_trainer(tmp_path, max_epochs=1, amp=True)
+    trainer.run()
+    saved = load_checkpoint(tmp_path / "latest.pt")["scaler"]["scale"]
+    again, _ = build_trainer(tmp_path, max_epochs=2, amp=True)
+    again.run()
+    assert saved == 512.0 and again.scaler.get_scale() == 512.0, "the resumed run keeps the saved scale"

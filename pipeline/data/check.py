@@ -17,7 +17,8 @@ Rules (``error`` stops training and evaluation; ``warning`` is reported and logg
 - image vs label: the same shape, and the same geometry within 1e-3 mm in the origin, 1e-4 in
   the direction cosines (0.03 mm at 300 mm from the origin) and 1e-4 relative in spacing; these
   are far above float32 and DICOM decimal-string rounding, far below any real misregistration.
-- label values must be integers and declared classes; NaN or infinite image voxels are errors.
+- label values must be integers and declared classes; NaN or infinite image voxels are errors, and so
+  are voxels that are not real scalars (RGB, complex).
 - an all-background label is a warning: negative cases are legitimate (MONAI's crop samplers
   fall back to background), but a label that lost its foreground looks the same.
 - an image with one value everywhere is a warning (a blank export).
@@ -194,7 +195,11 @@ def _check_file(
 ) -> tuple[Volume | None, list[Finding]]:
     """Check one file; with ``labels`` it is a label. Its voxels are released on return."""
     volume, data, findings = _read(str(path), budget)
-    if data is not None:
+    if data is not None and data.dtype.kind not in "biuf":  # RGB or complex voxels: no intensity to use
+        findings.append(
+            Finding(path, f"voxels are of type {data.dtype}; a real-valued scalar image is needed")
+        )
+    elif data is not None:
         findings += _image_values(path, data) if labels is None else _label_values(path, data, labels)
     if volume and labels is not None and volume.channels != 1:
         findings.append(Finding(path, f"a label has one channel, this one {volume.channels}"))

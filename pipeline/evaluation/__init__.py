@@ -1,5 +1,20 @@
-"""Scoring predictions against labels: what the evaluate workflow records and how it is read back."""
+"""Scoring segmentations against labels, and the report an evaluation writes.
 
-from pipeline.evaluation.report import image_meta, read_metric_means, read_per_case, write_case_table
+``metrics`` scores one case (Dice, IoU, HD95, ASD, volumes, with the rule for empty masks);
+``handler`` does it inside the evaluate workflow, ``predictions`` for files already on disk; both
+write through ``report`` (tables, ``metrics.json``) and ``html_report`` (``report.html``).
+"""
 
-__all__ = ["image_meta", "read_metric_means", "read_per_case", "write_case_table"]
+from pipeline.evaluation.handler import EvaluationReport
+from pipeline.evaluation.predictions import evaluate_predictions
+from pipeline.evaluation.report import CASE_TABLE, REPORT_FILE, SUMMARY_FILE, image_meta, read_summary
+
+__all__ = [
+    "CASE_TABLE",
+    "REPORT_FILE",
+    "SUMMARY_FILE",
+    "EvaluationReport",
+    "evaluate_predictions",
+    "image_meta",
+    "read_summary",
+]

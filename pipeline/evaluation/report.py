@@ -1,14 +1,50 @@
-"""Reading back what MONAI's MetricsSaver wrote, and naming its columns after the labels."""
+"""What an evaluation writes: ``per_case.csv``, ``metrics.json`` and ``report.html``.
+
+One result per case holds the scores of one or more *variants* of its prediction: the evaluate
+workflow scores the saved segmentation (``postprocessed``) and the network's argmax before
+post-processing (``argmax``), so the effect of post-processing is visible; scoring files already on
+disk gives one variant (``predictions``). ``per_case.csv`` is the first variant, one row per case and
+columns ``<metric>_<class name>`` and ``<metric>_mean`` (other code reads it: keep those names);
+each further variant gets ``per_case_<variant>.csv``. No file path is written: these files go to
+MLflow, and paths to patient data must not.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
+import json
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.layouts import case_name
+from pipeline.evaluation.metrics import EMPTY_RULE, METRICS, VOLUMES, ClassScores, class_means, summarise
+from pipeline.io.atomic import atomic_write
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")  # what MLflow accepts in a metric name
 CASE_TABLE = "per_case.csv"
+SUMMARY_FILE = "metrics.json"
+REPORT_FILE = "report.html"
+VARIANT_TITLES = {
+    "postprocessed": "with post-processing",
+    "argmax": "without post-processing",
+    "predictions": "as given",
+}
+
+
+@dataclass
+class CaseResult:
+    """The scores of one case per variant; the file paths are kept only to draw its overlay."""
+
+    case: str
+    scores: dict[str, dict[int, ClassScores]]
+    image: str | None = None
+    label: str | None = None
+    prediction: str | None = None
+
+    def mean_dice(self, variant: str) -> float:
+        return class_means(self.scores[variant]).get("dice", 0.0)
 
 
 def image_meta(batch: list[dict]) -> list[dict]:
@@ -16,35 +52,138 @@ def image_meta(batch: list[dict]) -> list[dict]:
     return [item["image"].meta for item in batch]
 
 
-def read_metric_means(output_dir: str | Path) -> dict[str, float]:
-    """The mean of each metric over all cases, from MetricsSaver's ``metrics.csv``."""
-    rows = (Path(output_dir) / "metrics.csv").read_text().splitlines()
-    return {name: float(value) for name, value in (row.split(",", 1) for row in rows if row)}
+def variant_title(variant: str) -> str:
+    return VARIANT_TITLES.get(variant, variant)
 
 
-def read_per_case(output_dir: str | Path, metric: str) -> list[dict[str, str]]:
-    """Rows of ``<metric>_raw.csv``: the file name, the value per foreground class, and their mean."""
-    with (Path(output_dir) / f"{metric}_raw.csv").open(newline="") as handle:
-        return list(csv.DictReader(handle))
+def case_table_name(variant: str, variants: Sequence[str]) -> str:
+    return CASE_TABLE if variant == variants[0] else f"per_case_{variant}.csv"
 
 
-def write_case_table(output_dir: str | Path, labels: Mapping[int, str], metrics: Sequence[str]) -> Path:
-    """One row per case, one column per metric and class *name* (MetricsSaver numbers them from 0
-    without the background, so ``class0`` is label 1)."""
+def case_columns(label_names: Mapping[int, str], classes: Sequence[int]) -> list[str]:
+    names = [label_names[c] for c in classes]
+    columns = ["case"]
+    for metric in METRICS:
+        columns += [f"{metric}_{name}" for name in names] + [f"{metric}_mean"]
+    for volume in VOLUMES:
+        columns += [f"{volume}_{name}" for name in names]
+    return columns
+
+
+def case_row(case: str, scores: Mapping[int, ClassScores], label_names: Mapping[int, str]) -> dict:
+    row: dict[str, str | float] = {"case": case}
+    means = class_means(scores)
+    for metric in METRICS:
+        row |= {f"{metric}_{label_names[c]}": significant(getattr(s, metric)) for c, s in scores.items()}
+        row[f"{metric}_mean"] = significant(means[metric])
+    for volume in VOLUMES:
+        row |= {f"{volume}_{label_names[c]}": significant(getattr(s, volume)) for c, s in scores.items()}
+    return row
+
+
+def significant(value: float) -> float:
+    """Six significant digits: a table to read, exact enough for any mean taken from it."""
+    return float(f"{value:.6g}")
+
+
+def write_case_table(
+    path: Path, results: Sequence[CaseResult], variant: str, label_names: Mapping[int, str]
+) -> Path:
+    classes = sorted(results[0].scores[variant]) if results else []
+    text = io.StringIO()
+    writer = csv.DictWriter(text, case_columns(label_names, classes), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(case_row(r.case, r.scores[variant], label_names) for r in results)
+    with atomic_write(path) as handle:
+        handle.write(text.getvalue().encode())
+    return path
+
+
+def summary_document(
+    results: Sequence[CaseResult],
+    variants: Sequence[str],
+    label_names: Mapping[int, str],
+    postprocessing: Mapping | None,
+) -> dict:
+    """``metrics.json``: the rule, the settings, and per variant the summary and every case."""
+    document: dict = {
+        "labels": {str(i): n for i, n in sorted(label_names.items()) if int(i) > 0},
+        "units": {"hd95": "mm", "asd": "mm", "pred_ml": "ml", "gt_ml": "ml"},
+        "empty_rule": EMPTY_RULE,
+        "std": "sample standard deviation over the cases (0 for one case)",
+        "postprocessing": dict(postprocessing) if postprocessing is not None else None,
+        "primary": variants[0] if variants else None,
+        "variants": {},
+    }
+    for variant in variants:
+        per_case = [r.scores[variant] for r in results]
+        document["variants"][variant] = {
+            "title": variant_title(variant),
+            "summary": summarise(per_case, label_names),
+            "cases": [
+                {"case": r.case, **{label_names[c]: s.as_dict() for c, s in r.scores[variant].items()}}
+                for r in results
+            ],
+        }
+    return document
+
+
+def write_summary(path: Path, document: Mapping) -> Path:
+    with atomic_write(path) as handle:
+        handle.write((json.dumps(document, indent=2) + "\n").encode())
+    return path
+
+
+def read_summary(output_dir: str | Path) -> dict:
+    """The ``metrics.json`` of an evaluation, naming the file when it is absent."""
+    path = Path(output_dir) / SUMMARY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run medseg evaluate first")
+    return json.loads(path.read_text())
+
+
+def summary_lines(document: Mapping) -> list[str]:
+    """The means per class and metric of every variant, as lines for a terminal."""
+    lines = []
+    for variant, content in document["variants"].items():
+        lines.append(f"{variant_title(variant)}: mean over {len(content['cases'])} cases")
+        lines.append(f"  {'class':<20} {'Dice':>7} {'IoU':>7} {'HD95 mm':>9} {'ASD mm':>8}")
+        for name, stats in content["summary"].items():
+            dice, iou, hd95, asd = (stats[m]["mean"] for m in METRICS)
+            lines.append(f"  {name:<20} {dice:>7.4f} {iou:>7.4f} {hd95:>9.2f} {asd:>8.2f}")
+    return lines
+
+
+def flat_means(document: Mapping) -> dict[str, float]:
+    """Summary means as flat metric names: ``dice_<class>``, ``hd95_mean``...; other variants prefixed."""
+    metrics = {}
+    for position, (variant, content) in enumerate(document["variants"].items()):
+        prefix = "" if position == 0 else f"{variant}_"
+        for name, per_metric in content["summary"].items():
+            for metric, stats in per_metric.items():
+                metrics[_UNSAFE.sub("_", f"{prefix}{metric}_{name}")] = float(stats["mean"])
+    return metrics
+
+
+def write_evaluation(
+    output_dir: str | Path,
+    results: Sequence[CaseResult],
+    label_names: Mapping[int, str],
+    *,
+    modality: str = "MRI",
+    postprocessing: Mapping | None = None,
+    title: str = "Evaluation",
+) -> dict:
+    """Every output of an evaluation, written atomically; returns the ``metrics.json`` content."""
+    from pipeline.evaluation.html_report import write_report  # here: the page module imports this one
+
+    if not results:
+        raise ValueError("no case was scored, so there is nothing to report")
     output_dir = Path(output_dir)
-    foreground = [name for index, name in sorted(labels.items()) if index > 0]
-    table: dict[str, dict[str, str]] = {}
-    for metric in metrics:
-        short = metric.removeprefix("mean_")
-        for row in read_per_case(output_dir, metric):
-            named = table.setdefault(case_name(Path(row["filename"])), {})
-            for position, name in enumerate(foreground):
-                named[f"{short}_{name}"] = row[f"class{position}"]
-            named[f"{short}_mean"] = row["mean"]
-    columns = ["case", *next(iter(table.values()), {})]
-    target = output_dir / CASE_TABLE
-    with target.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, columns)
-        writer.writeheader()
-        writer.writerows({"case": case, **values} for case, values in sorted(table.items()))
-    return target
+    variants = list(results[0].scores)
+    for variant in variants:
+        write_case_table(output_dir / case_table_name(variant, variants), results, variant, label_names)
+    document = summary_document(results, variants, label_names, postprocessing)
+    write_summary(output_dir / SUMMARY_FILE, document)
+    write_report(output_dir / REPORT_FILE, results, document, label_names, modality=modality, title=title)
+    return document

@@ -34,6 +34,7 @@ SERIES_SEPARATOR = "#"
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # Gaps between slice positions may differ from the median by this fraction (DS rounding, jitter).
 SPACING_TOLERANCE = 0.05
+MAX_SERIES_BYTES = 8 * 2**30  # the data check's memory budget for NIfTI headers, for declared DICOM sizes
 # Acquisition fields a sidecar may carry: none identifies a patient, an institution or a date.
 # SeriesDescription is left out on purpose: it is free text that operators sometimes fill with names.
 SIDECAR_FIELDS = (
@@ -188,7 +189,23 @@ def _execute(where: str, files: list[Path]) -> sitk.Image:
     raise DicomReadError(f"{where}: SimpleITK cannot read these slices as one volume") from None
 
 
+def _check_size(where: str, slices: Slices) -> None:
+    """Refuse from the headers a volume too large to hold: Rows and Columns can declare any size, and
+    SimpleITK allocates the declared volume before it finds the pixel data missing."""
+    try:
+        rows, columns = int(slices[0][1].Rows), int(slices[0][1].Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise DicomReadError(f"{where}: a slice has no valid Rows/Columns; not an image series") from None
+    needed = rows * columns * len(slices) * 4  # as float32 after rescaling
+    if needed > MAX_SERIES_BYTES:
+        raise DicomReadError(
+            f"{where}: slices declare {columns}x{rows}x{len(slices)} voxels ({needed / 2**30:.3g} GiB as "
+            f"float32), over the memory budget of {MAX_SERIES_BYTES / 2**30:g} GiB; not read"
+        )
+
+
 def _read_slices(where: str, slices: Slices) -> sitk.Image:
+    _check_size(where, slices)
     image = _execute(where, _order(where, slices))
     if image.GetDimension() != 3:
         raise SeriesGeometryError(f"{where}: a single 2D slice, not a volume")

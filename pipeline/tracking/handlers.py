@@ -6,6 +6,12 @@ that is down at start stops the run with a clear message (unless tracking is opt
 server lost mid-run is reported once and training goes on. The validation tracker also records
 per-class Dice and IoU under the label names, the best value so far, the last validation's
 per-case table and, every few validations, overlays of the first cases.
+
+A training killed at any moment and run again keeps one continuous series per metric, without gaps
+or repeated steps: metrics are buffered and sent (one ``log_batch``) at the end of each epoch, before
+the epoch's checkpoint is written (``TrainingCheckpoints`` saves last), and a reopened run sends only
+steps beyond those it already holds. An epoch recorded but not checkpointed before a kill is run
+again on resume; its steps are then already in MLflow and are not sent twice.
 """
 
 from __future__ import annotations
@@ -15,19 +21,24 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from mlflow.entities import Metric, RunStatus
 from monai.handlers import MLFlowHandler
+from monai.utils import flatten_dict
 
 from pipeline.tracking.store import TrackingUnavailable
 
 logger = logging.getLogger(__name__)
 
 _LOST_URIS: set[str] = set()  # servers already reported lost in this process: report once
+_STARTED_URIS: set[str] = set()  # servers a run of this process has started on
+MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
 class RunTracker(MLFlowHandler):
@@ -50,6 +61,9 @@ class RunTracker(MLFlowHandler):
         self.required = required
         self.log_epoch_time = log_epoch_time
         self._logged_params: set[str] | None = None
+        self._pending: list[Metric] = []
+        self._last_steps: dict[str, float] | None = None  # per metric, the last step the run holds
+        self._interrupted = False
 
     @property
     def uri(self) -> str:
@@ -59,6 +73,10 @@ class RunTracker(MLFlowHandler):
     def lost(self) -> bool:
         return self.uri in _LOST_URIS
 
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        engine.add_event_handler(Events.TERMINATE, self.interrupted)
+
     def start(self, engine: Engine) -> None:
         if self.lost:
             return
@@ -67,18 +85,22 @@ class RunTracker(MLFlowHandler):
             self._reopen_named_run()
             super().start(engine)
             if self.tags_resumption:
-                resumed = engine.state.epoch > 0
+                resumed = engine.state.iteration > 0
                 self.client.set_tag(self.cur_run.info.run_id, "resumed", str(resumed).lower())
             for key, value in self.tags.items():
                 self.client.set_tag(self.cur_run.info.run_id, key, str(value))
             self._log_executed_config()
+            _STARTED_URIS.add(self.uri)
         except Exception as error:
-            if self.required:
+            # Once a run of this process reached the server (the trainer's), a later start (the
+            # validator's, after metrics were buffered for an epoch) that fails has lost it mid-run.
+            running = self.uri in _STARTED_URIS
+            if self.required and not running:
                 raise TrackingUnavailable(
                     f"MLflow tracking at {self.uri} cannot be used ({type(error).__name__}: {error}); "
                     "start the server, fix MLFLOW_TRACKING_URI / --tracking-uri, or pass --tracking-optional"
                 ) from None
-            self._give_up(error, "at start")
+            self._give_up(error, "during the run" if running else "at start")
 
     def _log_executed_config(self) -> None:
         """The config MONAI saved for this run (``save_execute_config``): the newest config_*.json there.
@@ -104,6 +126,8 @@ class RunTracker(MLFlowHandler):
             self.cur_run = runs[0]
             if runs[0].info.status != "RUNNING":
                 self.client.update_run(runs[0].info.run_id, status="RUNNING")
+        else:
+            self._last_steps = {}  # a new run holds nothing: no need to ask
 
     def _log_params(self, params: dict[str, Any]) -> None:
         if self._logged_params is None:
@@ -113,6 +137,36 @@ class RunTracker(MLFlowHandler):
             super()._log_params(fresh)
             self._logged_params |= set(fresh)
 
+    def _log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Buffered until ``flush``; a buffer as large as one MLflow batch is sent at once."""
+        timestamp = int(time.time() * 1000)
+        self._pending += [Metric(k, v, timestamp, step or 0) for k, v in flatten_dict(metrics).items()]
+        if len(self._pending) >= MAX_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the buffered metrics, except steps the run already holds (from before a kill)."""
+        pending, self._pending = self._pending, []
+        last = self._recorded_steps()
+        fresh = []
+        for metric in pending:
+            if metric.step > last.get(metric.key, -math.inf):
+                fresh.append(metric)
+                last[metric.key] = metric.step
+        for start in range(0, len(fresh), MAX_BATCH):
+            self.client.log_batch(self.cur_run.info.run_id, metrics=fresh[start : start + MAX_BATCH])
+
+    def _recorded_steps(self) -> dict[str, float]:
+        """The last step of each metric of a reopened run, asked once per process."""
+        if self._last_steps is None:
+            run_id = self.cur_run.info.run_id
+            keys = self.client.get_run(run_id).data.metrics
+            self._last_steps = {
+                key: max((m.step for m in self.client.get_metric_history(run_id, key)), default=-math.inf)
+                for key in keys
+            }
+        return self._last_steps
+
     def iteration_completed(self, engine: Engine) -> None:
         self._safely(super().iteration_completed, engine)
 
@@ -121,11 +175,22 @@ class RunTracker(MLFlowHandler):
         if self.log_epoch_time:
             seconds = engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0
             self._safely(self._log_metrics, {"epoch_time_s": seconds}, engine.state.epoch)
+        self._safely(self.flush)
+
+    def interrupted(self, _: Engine) -> None:
+        """The engine was stopped (a signal): send what the checkpoint about to be written covers."""
+        self._interrupted = True
+        self._safely(self.flush)
 
     def complete(self) -> None:
+        self._safely(self.flush)
         self._safely(super().complete)
 
     def close(self) -> None:
+        """An interrupted run ends KILLED: MLflow's word for a run stopped before its end."""
+        self._safely(self.flush)
+        if self._interrupted:
+            self.run_finish_status = RunStatus.to_string(RunStatus.KILLED)
         self._safely(super().close)
 
     def _safely(self, call: Callable[..., None], *args: Any) -> None:
@@ -137,6 +202,7 @@ class RunTracker(MLFlowHandler):
             self._give_up(error, "during the run")
 
     def _give_up(self, error: Exception, when: str) -> None:
+        self._pending.clear()
         if not self.lost:
             _LOST_URIS.add(self.uri)
             logger.warning(
@@ -187,6 +253,7 @@ class ValidationTracker(RunTracker):
         super().epoch_completed(engine)
         self.validations += 1
         self._safely(self._record_details, engine)
+        self._safely(self.flush)
 
     def _record_details(self, engine: Engine) -> None:
         step = engine.state.epoch
@@ -243,19 +310,15 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def draw_example(example: Mapping[str, torch.Tensor], label_names: Mapping[int, str], png: Path) -> Path:
-    """Image, ground truth and prediction of one validation case (in the network's space)."""
-    import nibabel as nib
+    """Image, ground truth and prediction of one validation case (in the network's space), from memory."""
     import numpy as np
 
-    from pipeline.visualisation import save_overlay
+    from pipeline.visualisation import save_overlay_arrays
+
+    def classes(volume: torch.Tensor) -> np.ndarray:  # one-hot channels or one channel of indices
+        return np.asarray(torch.argmax(volume, dim=0) if volume.shape[0] > 1 else volume[0])
 
     affine = np.asarray(getattr(example["image"], "affine", torch.eye(4)), dtype=float)
-    files = {}
-    for key in ("image", "label", "pred"):
-        volume = example[key]
-        data = (
-            volume[0] if key == "image" else torch.argmax(volume, dim=0) if volume.shape[0] > 1 else volume[0]
-        )
-        files[key] = png.with_suffix(f".{key}.nii.gz")
-        nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), files[key])
-    return save_overlay(files["image"], files["pred"], png, label=files["label"], label_names=label_names)
+    image = np.asarray(example["image"][0], dtype=np.float32)
+    truth, pred = classes(example["label"]), classes(example["pred"])
+    return save_overlay_arrays(image, pred, affine, png, label=truth, label_names=label_names, title=png.stem)

@@ -1,6 +1,7 @@
 """Training-time handlers that MONAI's bundles name in their configs."""
 
+from pipeline.training.budget import TimeBudget
 from pipeline.training.checkpoints import TrainingCheckpoints
 from pipeline.training.progress import ProgressLogger
 
-__all__ = ["ProgressLogger", "TrainingCheckpoints"]
+__all__ = ["ProgressLogger", "TimeBudget", "TrainingCheckpoints"]

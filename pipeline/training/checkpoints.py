@@ -1,21 +1,35 @@
-"""Latest-state and best-model checkpoints, and resuming from them, as one ignite handler.
+"""Latest-state and best-model checkpoints, resuming from them, and stopping on a signal, as one
+ignite handler.
 
 MONAI's CheckpointSaver/CheckpointLoader pair cannot do this alone: the loader needs a file
 that does not exist on the first run, and after a restart the saver has forgotten the best
 metric, so a resumed run would overwrite the best model with its first (maybe worse)
-validation. Here the best metric travels inside the latest checkpoint.
+validation. Here the best metric travels inside the latest checkpoint, with everything else a
+resumed run needs to continue as if never stopped: optimiser, scheduler, AMP scaler, epoch and
+iteration, and the random generators' states.
+
+A kill at any moment loses at most the current epoch: ``latest.pt`` is rewritten atomically at
+the end of every epoch, as the epoch's last step (after validation and after the MLflow record,
+so the record never lags behind the checkpoint). SIGINT/SIGTERM stop after the current iteration
+with a checkpoint of that iteration; ignite resumes mid-epoch from it (``Engine.load_state_dict``
+with an iteration inside an epoch runs the epoch's remaining iterations on a fresh pass of the
+data loader).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
-from pipeline.io.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from pipeline.io.atomic import stale_temporaries
+from pipeline.io.checkpoint import CheckpointError, load_checkpoint, load_weights, save_atomic
+from pipeline.training import rng
 from pipeline.training.distributed import is_main_process
+from pipeline.training.interrupt import Interruption, SignalStop, record
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +44,10 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
 
 class TrainingCheckpoints:
     """Save the latest training state every epoch and the best network on every new best metric
-    (rank 0 only under torchrun; every rank resumes).
+    (rank 0 only under torchrun; every rank resumes); stop cleanly on SIGINT/SIGTERM.
 
-    On start, resume from ``latest.pt`` in ``ckpt_dir`` if it exists: network, optimiser,
-    scheduler, epoch/iteration and the best metric so far. A finished run resumed with more
-    epochs simply continues.
+    On start, resume from ``latest.pt`` in ``ckpt_dir`` if it exists. A finished run resumed with
+    more epochs simply continues.
     """
 
     def __init__(
@@ -45,6 +58,7 @@ class TrainingCheckpoints:
         lr_scheduler: object | None = None,
         validator: Engine | None = None,
         map_location: str | torch.device = "cpu",
+        stop_on_signals: bool = True,
     ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
         self.network = network
@@ -52,6 +66,8 @@ class TrainingCheckpoints:
         self.lr_scheduler = lr_scheduler
         self.validator = validator
         self.map_location = map_location
+        self.signals = SignalStop() if stop_on_signals else None
+        self._saved_iteration = -1
 
     @property
     def latest_path(self) -> Path:
@@ -62,13 +78,63 @@ class TrainingCheckpoints:
         return self.ckpt_dir / BEST_FILE
 
     def attach(self, trainer: Engine) -> None:
-        trainer.add_event_handler(Events.STARTED, self.resume)
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, self.save_latest)
-        trainer.add_event_handler(Events.COMPLETED, self.ensure_model_saved)
+        trainer.add_event_handler(Events.STARTED, self.start)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self.stop_if_signalled)
+        trainer.add_event_handler(Events.COMPLETED, self.complete)
+        trainer.add_event_handler(Events.EXCEPTION_RAISED, self.restore_and_raise)
         if self.validator is not None:
             self.validator.add_event_handler(Events.EPOCH_COMPLETED, self.save_best_if_improved)
 
-    def _stateful(self) -> dict[str, object]:
+    def start(self, trainer: Engine) -> None:
+        """Resume, then register the saving handlers: registered now, after every other handler was
+        attached, they run last in their events, so an epoch's checkpoint covers all of its work."""
+        record(None)
+        self._remove_stale_temporaries()
+        self.resume(trainer)
+        if not trainer.has_event_handler(self.end_epoch, Events.EPOCH_COMPLETED):
+            trainer.add_event_handler(Events.EPOCH_COMPLETED, self.end_epoch)
+            trainer.add_event_handler(Events.TERMINATE, self.save_on_terminate)
+        if self.signals is not None:
+            self.signals.install()
+
+    @property
+    def signalled(self) -> int | None:
+        return self.signals.received if self.signals is not None else None
+
+    def stop_if_signalled(self, trainer: Engine) -> None:
+        """Stop after this iteration; at an epoch's last one, after the epoch (validation, schedule)."""
+        if self.signalled is not None and trainer.state.iteration % trainer.state.epoch_length:
+            trainer.terminate()
+
+    def end_epoch(self, trainer: Engine) -> None:
+        self.save_latest(trainer)
+        if self.signalled is not None:
+            trainer.terminate()
+
+    def save_on_terminate(self, trainer: Engine) -> None:
+        if trainer.state.iteration != self._saved_iteration:
+            self.save_latest(trainer)
+        if self.signalled is not None:
+            state = trainer.state
+            stop = Interruption(self.signalled, state.epoch, state.iteration, self.latest_path)
+            record(stop)
+            logger.warning("training %s", stop)
+
+    def complete(self, trainer: Engine) -> None:
+        if self.signalled is None:
+            self.ensure_model_saved(trainer)
+        self.restore_signals()
+
+    def restore_signals(self) -> None:
+        if self.signals is not None:
+            self.signals.restore()
+
+    def restore_and_raise(self, _: Engine, error: BaseException) -> None:
+        """ignite re-raises only when no EXCEPTION_RAISED handler exists: give the signals back, re-raise."""
+        self.restore_signals()
+        raise error
+
+    def _stateful(self) -> dict[str, Any]:
         objects = {"network": unwrap(self.network), "optimizer": self.optimizer}
         if self.lr_scheduler is not None:
             objects["lr_scheduler"] = self.lr_scheduler
@@ -79,10 +145,15 @@ class TrainingCheckpoints:
             return
         state = {name: obj.state_dict() for name, obj in self._stateful().items()}
         state["trainer"] = trainer.state_dict()
+        scaler = getattr(trainer, "scaler", None)
+        if scaler is not None and scaler.is_enabled():  # AMP's loss scale (disabled without a GPU)
+            state["scaler"] = scaler.state_dict()
+        state["rng"] = rng.capture(getattr(trainer, "data_loader", None))
         if self.validator is not None:
             state["best_metric"] = float(self.validator.state.best_metric)
             state["best_metric_epoch"] = int(self.validator.state.best_metric_epoch)
         save_atomic(state, self.latest_path)
+        self._saved_iteration = trainer.state.iteration
 
     def save_best_if_improved(self, validator: Engine) -> None:
         if is_main_process() and validator.state.best_metric_epoch == validator.state.epoch:
@@ -101,31 +172,59 @@ class TrainingCheckpoints:
             logger.warning("no validation ran; saving the final network as %s", self.best_path)
             save_atomic(unwrap(self.network).state_dict(), self.best_path)
 
+    def _remove_stale_temporaries(self) -> None:
+        """Half-written checkpoints of a process killed while saving (never under the final name)."""
+        if not is_main_process():
+            return
+        for name in (LATEST_FILE, BEST_FILE):
+            for path in stale_temporaries(self.ckpt_dir, name):
+                path.unlink(missing_ok=True)
+
     def resume(self, trainer: Engine) -> None:
         if not self.latest_path.exists():
             return
         checkpoint = load_checkpoint(self.latest_path, self.map_location)
-        for name, obj in self._stateful().items():
+        for name in ("trainer", *self._stateful()):
             if name not in checkpoint:
-                raise CheckpointError(f"checkpoint {self.latest_path} has no '{name}' state")
-            try:
-                obj.load_state_dict(checkpoint[name])
-            except (RuntimeError, ValueError, KeyError) as error:
                 raise CheckpointError(
-                    f"checkpoint {self.latest_path}: its {name} does not match this bundle's ({error})"
-                ) from None
+                    f"checkpoint {self.latest_path} has no '{name}' state: not a training state of this "
+                    "pipeline (model.pt files hold weights only)"
+                )
+        load_weights(unwrap(self.network), checkpoint["network"], self.latest_path)
+        for name, obj in self._stateful().items():
+            if name != "network":
+                self._load_state(name, obj, checkpoint[name])
+        scaler = getattr(trainer, "scaler", None)
+        if scaler is not None and scaler.is_enabled() and "scaler" in checkpoint:
+            self._load_state("scaler", scaler, checkpoint["scaler"])
         self._restore_progress(trainer, checkpoint)
+        if "rng" in checkpoint:
+            rng.restore(checkpoint["rng"], getattr(trainer, "data_loader", None))
+
+    def _load_state(self, name: str, obj: Any, state: Any) -> None:
+        try:
+            obj.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            detail = str(error).splitlines()[0]
+            raise CheckpointError(
+                f"checkpoint {self.latest_path}: its {name} state does not fit this bundle's ({detail})"
+            ) from None
 
     def _restore_progress(self, trainer: Engine, checkpoint: dict) -> None:
         requested_epochs = trainer.state.max_epochs
         trainer.load_state_dict(checkpoint["trainer"])
         trainer.state.max_epochs = max(requested_epochs, trainer.state.epoch)
+        self._saved_iteration = trainer.state.iteration
         if self.validator is not None and "best_metric" in checkpoint:
             self.validator.state.best_metric = checkpoint["best_metric"]
             self.validator.state.best_metric_epoch = checkpoint["best_metric_epoch"]
-        logger.info(
-            "resumed from %s at epoch %d of %d",
-            self.latest_path,
-            trainer.state.epoch,
-            trainer.state.max_epochs,
-        )
+        logger.info("resumed from %s: %s", self.latest_path, _position(trainer.state))
+
+
+def _position(state: Any) -> str:
+    """Where a resumed run goes on, in a user's words (epochs and iterations counted from 1)."""
+    within = state.iteration % state.epoch_length
+    if state.epoch >= state.max_epochs:
+        return f"all {state.max_epochs} epochs were done"
+    step = f", iteration {within + 1} of {state.epoch_length}" if within else ""
+    return f"going on with epoch {state.epoch + 1} of {state.max_epochs}{step}"

@@ -1,166 +1,80 @@
-"""Colour-mapped overlays of segmentations on their images, for eyeballing results.
+"""Colour overlays of a segmentation on its image: axial, coronal and sagittal slices through each structure.
 
-Everything is drawn on a bare ``matplotlib.figure.Figure`` (no pyplot), so rendering from data-loader
-workers, MLflow callbacks or threads never touches global backend or figure state.
+Why rows through each structure: slices through the centre of everything segmented miss small or
+lateral structures (a kidney, a lesion) entirely. Rows are planned largest structure first, and a
+structure that all three slices of an earlier row already cut gets no row of its own, so nested or
+neighbouring structures (grey and white matter, tumour core and oedema) share one row instead of
+repeating nearly the same slices; at most ``MAX_ROWS`` rows, the structures left out named under the
+title. With a ground truth, truth and prediction of each slice sit side by side, so a difference is
+seen by looking one panel across rather than by telling two outlines apart; each class's Dice is in
+the legend, the mean Dice in the title.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import nibabel as nib
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
-from pipeline.io.atomic import atomic_write
-
-# Fixed, high-contrast colours by class index (index 1 first), so that a class looks the same in every
-# picture. Picked from a qualitative palette for visibility on a grey image; indices past the end wrap.
-PALETTE: tuple[str, ...] = (
-    "#e6194b", "#3cb44b", "#4363d8", "#ffe119", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
-    "#bfef45", "#469990", "#9a6324", "#fabed4", "#800000", "#aaffc3", "#808000", "#dcbeff",
-)  # fmt: skip
-CT_WINDOW: tuple[float, float] = (40.0, 400.0)  # soft-tissue level and width, HU
-FILL_ALPHA = 0.4
-DPI = 100
-PANEL_HEIGHT_IN = 3.2
-
-# Cut axis (in RAS) -> (panel name, row axis, column axis, edge letters top/bottom/left/right).
-# Radiological convention: patient's right on the viewer's left, anterior up (axial), superior up.
-_VIEWS: tuple[tuple[int, str, int, int, str], ...] = (
-    (2, "Axial", 1, 0, "APRL"),
-    (1, "Coronal", 2, 0, "SIRL"),
-    (0, "Sagittal", 2, 1, "SIAP"),
+from pipeline.data.layouts import case_name, listing
+from pipeline.visualisation.canvas import DPI, TEXT_LINE_IN, Canvas, legend_height_px, write_png
+from pipeline.visualisation.panels import (
+    PALETTE,
+    VIEWS,
+    Structure,
+    View,
+    class_colour,
+    class_dice,
+    colour_table,
+    compose,
+    display_shape,
+    intensity_window,
+    label_text,
+    mean_dice,
+    resample_linear,
+    resample_nearest,
+    reslice,
+    structures,
 )
-# Axes-fraction positions of those letters: top, bottom, left, right.
-_EDGES = ((0.5, 0.98, "center", "top"), (0.5, 0.02, "center", "bottom"),
-          (0.02, 0.5, "left", "center"), (0.98, 0.5, "right", "center"))  # fmt: skip
+from pipeline.visualisation.volumes import RasVolume, as_ras, check_same_grid, load_image, load_labels
+
+__all__ = [
+    "PALETTE",
+    "class_colour",
+    "draw_overlay",
+    "intensity_window",
+    "mean_dice",
+    "overlay_canvas",
+    "overlay_figure",
+    "save_overlay",
+    "save_overlay_arrays",
+]
+
+PANEL_IN = 3.2  # the longest side of the largest panel; the others keep their physical proportion
+MAX_ROWS = 6
+EDGE_IN = 0.02  # outline width
+MARGIN_IN, HEADER_IN, ROW_LABEL_IN = 0.1, 0.22, 0.3
+GAP_IN, VIEW_GAP_IN = 0.05, 0.18  # between truth and prediction of one view; between views
 
 
-def class_colour(index: int) -> tuple[float, float, float]:
-    """RGB of a class, keyed on the index alone so colours never shift with which classes are present."""
-    if index < 1:
-        raise ValueError(f"class index must be >= 1 (0 is background), got {index}")
-    return to_rgb(PALETTE[(index - 1) % len(PALETTE)])
+@dataclass(frozen=True)
+class Row:
+    name: str
+    centre: tuple[int, int, int]  # RAS voxel index the three slices go through
 
 
-def intensity_window(image: np.ndarray, modality: str = "MRI") -> tuple[float, float]:
-    """CT has calibrated HU, so a fixed window works; other modalities have arbitrary scales."""
-    if modality.upper() == "CT":
-        level, width = CT_WINDOW
-        return level - width / 2, level + width / 2
-    values = image[np.isfinite(image) & (image != 0)]
-    if values.size == 0:
-        return 0.0, 1.0
-    low, high = (float(v) for v in np.percentile(values, [0.5, 99.5]))
-    return (low, high) if high > low else (low, low + 1.0)
+@dataclass(frozen=True)
+class Column:
+    view: View
+    kind: str  # "truth", "prediction", or "" when there is no truth to tell apart
+    labels: np.ndarray
 
 
-def mean_dice(pred: np.ndarray, truth: np.ndarray) -> float | None:
-    """Mean Dice over foreground classes in either volume; None when both are empty (Dice undefined)."""
-    classes = np.union1d(np.unique(pred), np.unique(truth))
-    scores = []
-    for c in classes[classes != 0]:
-        p, t = pred == c, truth == c
-        scores.append(2.0 * np.logical_and(p, t).sum() / (p.sum() + t.sum()))
-    return float(np.mean(scores)) if scores else None
-
-
-def focus_centre(*masks: np.ndarray | None) -> tuple[int, int, int]:
-    """Centre of mass of the first mask with foreground, so the slices go through the structure."""
-    given = [m for m in masks if m is not None]
-    hits = [m for m in given if m.any()]
-    centre = np.rint(np.argwhere(hits[0]).mean(axis=0)) if hits else np.array(given[0].shape[:3]) // 2
-    i, j, k = (int(c) for c in centre)
-    return i, j, k
-
-
-def reslice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """2D panel from a RAS volume with row 0 at the top, oriented as in ``_VIEWS``."""
-    if axis == 2:
-        return volume[::-1, ::-1, index].T
-    if axis == 1:
-        return volume[::-1, index, ::-1].T
-    return volume[index, ::-1, ::-1].T
-
-
-def panel_extent(shape: Sequence[int], row_mm: float, col_mm: float) -> tuple[float, float, float, float]:
-    """imshow extent in millimetres (origin upper): equal data aspect then gives true physical proportions."""
-    n_rows, n_cols = shape
-    return 0.0, n_cols * col_mm, n_rows * row_mm, 0.0
-
-
-def _load(path: Path, *, labels: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Canonical (RAS) data and affine: storage order then no longer changes which way is up."""
-    img = nib.as_closest_canonical(nib.load(str(path)))
-    data = np.asanyarray(img.dataobj)
-    if labels:
-        while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) from some writers
-            data = data[..., 0]
-        return np.rint(data).astype(np.int32), img.affine
-    if data.ndim > 3:  # multi-channel image: show the first volume
-        data = data.reshape(*data.shape[:3], -1)[..., 0]
-    return data.astype(np.float32), img.affine
-
-
-def _check_match(
-    image_path: Path,
-    image: np.ndarray,
-    affine: np.ndarray,
-    other_path: Path,
-    other: np.ndarray,
-    other_affine: np.ndarray,
-) -> None:
-    """Fail loudly on shape mismatch; a differing affine only warns (often float noise from resampling)."""
-    if other.shape != image.shape:
-        raise ValueError(
-            f"{other_path} has shape {other.shape} but image {image_path} has shape {image.shape} "
-            "(after reorienting both to RAS); resample the segmentation to the image grid first"
-        )
-    if not np.allclose(affine, other_affine, atol=1e-2):
-        warnings.warn(f"{other_path} and {image_path} have different affines", stacklevel=3)
-
-
-def _fill_rgba(mask: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """Translucent colour layer; background stays fully transparent."""
-    rgba = np.zeros((*mask.shape, 4), dtype=np.float32)
-    for c in classes:
-        rgba[mask == c] = (*class_colour(c), FILL_ALPHA)
-    return rgba
-
-
-def _draw_panel(
-    ax: Axes,
-    plane: np.ndarray,
-    mask: np.ndarray,
-    extent: tuple[float, float, float, float],
-    window: tuple[float, float],
-    letters: str,
-) -> None:
-    """Image, colour fill and opaque contours: contours keep the boundary readable where fill washes out."""
-    ax.imshow(plane, cmap="gray", vmin=window[0], vmax=window[1], extent=extent, aspect="equal")
-    classes = [int(c) for c in np.unique(mask) if c != 0]
-    ax.imshow(_fill_rgba(mask, classes), extent=extent, aspect="equal", interpolation="nearest")
-    row_mm, col_mm = extent[2] / mask.shape[0], extent[1] / mask.shape[1]
-    xs, ys = (np.arange(mask.shape[1]) + 0.5) * col_mm, (np.arange(mask.shape[0]) + 0.5) * row_mm
-    for c in classes:
-        if 0 < (hit := mask == c).sum() < hit.size:
-            ax.contour(xs, ys, hit.astype(np.float32), levels=[0.5], colors=[class_colour(c)], linewidths=1.2)
-    ax.set_xlim(extent[0], extent[1])
-    ax.set_ylim(extent[2], extent[3])
-    ax.set_xticks([])
-    ax.set_yticks([])
-    style = {"transform": ax.transAxes, "color": "yellow", "fontsize": 8, "fontweight": "bold"}
-    for (x, y, ha, va), letter in zip(_EDGES, letters, strict=True):
-        ax.text(x, y, letter, ha=ha, va=va, **style)
-
-
-def overlay_figure(
+def overlay_canvas(
     image: str | Path,
     seg: str | Path,
     *,
@@ -168,65 +82,32 @@ def overlay_figure(
     label_names: Mapping[int, str] | None = None,
     title: str | None = None,
     modality: str = "MRI",
-) -> Figure:
-    """The figure ``save_overlay`` writes, for callers that embed it elsewhere (notebooks, MLflow)."""
-    image, seg = Path(image), Path(seg)
-    volume, affine = _load(image, labels=False)
-    pred, pred_affine = _load(seg, labels=True)
-    _check_match(image, volume, affine, seg, pred, pred_affine)
-    rows: list[tuple[str, np.ndarray]] = [("Prediction", pred)]
+    slice_at: Sequence[int] | None = None,
+    max_rows: int = MAX_ROWS,
+    dpi: int = DPI,
+) -> Canvas:
+    """The overlay of NIfTI files or DICOM series, with its panels' pixel boxes (``canvas.panels``).
+
+    ``slice_at``: one row through this voxel (indices in the image file's stored order, as viewers
+    show them) instead of one row per structure.
+    """
+    volume, pred = load_image(image), load_labels(seg)
+    check_same_grid(volume, pred)
     truth = None
     if label is not None:
-        truth, truth_affine = _load(Path(label), labels=True)
-        _check_match(image, volume, affine, Path(label), truth, truth_affine)
-        rows.insert(0, ("Ground truth", truth))
-    centre = focus_centre(truth, pred) if truth is not None else focus_centre(pred)
-    heading = title or image.name.removesuffix(".gz").removesuffix(".nii")
-    if truth is not None:
-        dice = mean_dice(pred, truth)
-        heading += f" — mean Dice {dice:.2f}" if dice is not None else " — mean Dice n/a (no foreground)"
-    fig = _render(volume, rows, centre, nib.affines.voxel_sizes(affine)[:3], modality)
-    fig.suptitle(heading, fontsize=11)
-    present = sorted({int(c) for _, m in rows for c in np.unique(m) if c != 0})
-    _add_legend(fig, present, label_names or {})
-    return fig
+        truth = load_labels(label)
+        check_same_grid(volume, truth)
+    focus = None
+    if slice_at is not None:
+        focus = Row(f"voxel {tuple(int(v) for v in slice_at)}", volume.ras_index(slice_at))
+    heading = title or case_name(Path(image))
+    options = {"label_names": label_names, "title": heading, "modality": modality, "max_rows": max_rows}
+    return draw_overlay(volume, pred, truth=truth, focus=focus, dpi=dpi, **options)
 
 
-def _render(
-    volume: np.ndarray,
-    rows: Sequence[tuple[str, np.ndarray]],
-    centre: Sequence[int],
-    spacing: Sequence[float],
-    modality: str,
-) -> Figure:
-    """Grid of panels sized by physical extent, so anisotropic volumes are not squashed."""
-    window = intensity_window(volume, modality)
-    extents = [panel_extent(reslice(volume, a, centre[a]).shape, spacing[r], spacing[c])
-               for a, _, r, c, _ in _VIEWS]  # fmt: skip
-    widths = [e[1] for e in extents]
-    scale = PANEL_HEIGHT_IN / max(e[2] for e in extents)  # inches per mm
-    figsize = (sum(widths) * scale + 1.2, len(rows) * PANEL_HEIGHT_IN + 1.2)
-    fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
-    axes = fig.subplots(len(rows), 3, squeeze=False, gridspec_kw={"width_ratios": widths})
-    for (row_name, mask), row_axes in zip(rows, axes, strict=True):
-        for ax, (axis, name, _, _, letters), extent in zip(row_axes, _VIEWS, extents, strict=True):
-            plane = reslice(volume, axis, centre[axis])
-            _draw_panel(ax, plane, reslice(mask, axis, centre[axis]), extent, window, letters)
-            ax.set_title(f"{name}  [{centre[axis]}/{volume.shape[axis] - 1}]", fontsize=9)
-        if len(rows) > 1:
-            row_axes[0].set_ylabel(row_name, fontsize=10)
-    return fig
-
-
-def _add_legend(fig: Figure, classes: Sequence[int], names: Mapping[int, str]) -> None:
-    """Only classes actually drawn get an entry: a legend listing absent classes would mislead."""
-    if not classes:
-        return
-    handles = [Patch(facecolor=class_colour(c), edgecolor=class_colour(c), label=names.get(c, f"class {c}"))
-               for c in classes]  # fmt: skip
-    fig.legend(
-        handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False, fontsize=9
-    )
+def overlay_figure(image: str | Path, seg: str | Path, **options: Any) -> Figure:
+    """The figure ``save_overlay`` writes, for callers that embed it elsewhere (notebooks, MLflow)."""
+    return overlay_canvas(image, seg, **options).figure
 
 
 def save_overlay(
@@ -238,9 +119,218 @@ def save_overlay(
     label_names: Mapping[int, str] | None = None,
     title: str | None = None,
     modality: str = "MRI",
+    slice_at: Sequence[int] | None = None,
+    max_rows: int = MAX_ROWS,
+    dpi: int = DPI,
 ) -> Path:
-    """Render axial/coronal/sagittal overlays to a PNG, atomically so watchers never read half a file."""
-    fig = overlay_figure(image, seg, label=label, label_names=label_names, title=title, modality=modality)
-    with atomic_write(out_png) as handle:
-        fig.savefig(handle, format="png", dpi=DPI)
-    return Path(out_png)
+    """Render the overlay of NIfTI files or DICOM series to a PNG; returns its path.
+
+    ``label``: the ground truth, shown beside the prediction, with per-structure and mean Dice.
+    ``modality``: "CT" gets a fixed soft-tissue window, anything else percentiles of the image.
+    """
+    options = {"label_names": label_names, "title": title, "modality": modality, "max_rows": max_rows}
+    return write_png(overlay_figure(image, seg, label=label, slice_at=slice_at, dpi=dpi, **options), out_png)
+
+
+def save_overlay_arrays(
+    image: np.ndarray,
+    seg: np.ndarray,
+    affine: np.ndarray,
+    out_png: str | Path,
+    *,
+    label: np.ndarray | None = None,
+    label_names: Mapping[int, str] | None = None,
+    title: str = "",
+    modality: str = "MRI",
+) -> Path:
+    """The same picture from 3D arrays on one grid (a validation case in memory): no files to write."""
+    volume = as_ras(np.asarray(image), affine, "image")
+    pred = as_ras(np.rint(seg).astype(np.int32), affine, "prediction")
+    truth = None if label is None else as_ras(np.rint(label).astype(np.int32), affine, "label")
+    canvas = draw_overlay(volume, pred, truth=truth, label_names=label_names, title=title, modality=modality)
+    return write_png(canvas.figure, out_png)
+
+
+def draw_overlay(
+    image: RasVolume,
+    pred: RasVolume,
+    *,
+    truth: RasVolume | None = None,
+    label_names: Mapping[int, str] | None = None,
+    title: str = "",
+    modality: str = "MRI",
+    focus: Row | None = None,
+    max_rows: int = MAX_ROWS,
+    dpi: int = DPI,
+) -> Canvas:
+    """Rows of axial/coronal/sagittal panels; columns pair truth and prediction when there is a truth."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, not {max_rows}")
+    in_pred = structures(pred.data)
+    in_truth = structures(truth.data) if truth is not None else {}
+    classes = sorted(set(in_pred) | set(in_truth))
+    dice = class_dice(pred.data, truth.data, in_pred, in_truth) if truth is not None else {}
+    names = dict(label_names or {})
+    rows, headings = _rows(image, pred, truth, in_pred, in_truth, names, focus, max_rows)
+    headings.insert(0, _heading(title, dice, truth))
+    masks = [("truth", truth.data), ("prediction", pred.data)] if truth is not None else [("", pred.data)]
+    columns = [Column(view, kind, labels) for view in VIEWS for kind, labels in masks]
+    layout = _Layout(image, rows, columns, len(classes), len(headings), dpi)
+    canvas = layout.draw(intensity_window(image.data, modality), colour_table(max(classes, default=0)))
+    for line, text in enumerate(headings):
+        y = canvas.px(MARGIN_IN + (line + 0.5) * TEXT_LINE_IN)
+        canvas.text(canvas.width / 2, y, text, ha="center", va="center", fontsize=11 if line == 0 else 8)
+    canvas.legend({c: _legend_text(c, names, dice) for c in classes})
+    return canvas
+
+
+def _rows(
+    image: RasVolume,
+    pred: RasVolume,
+    truth: RasVolume | None,
+    in_pred: Mapping[int, Structure],
+    in_truth: Mapping[int, Structure],
+    names: Mapping[int, str],
+    focus: Row | None,
+    max_rows: int,
+) -> tuple[list[Row], list[str]]:
+    """The rows to draw and a note naming the structures left without one (if any)."""
+    if focus:
+        return [focus], []
+    # the truth's structure wins, so that a prediction's panels show the slices its truth is judged on
+    reference = {c: pred.data for c in in_pred} | {c: truth.data for c in in_truth}  # type: ignore[union-attr]
+    rows, left_out = plan_rows({**in_pred, **in_truth}, reference, names, max_rows)
+    if not rows:
+        return [Row("volume centre", tuple(n // 2 for n in image.data.shape))], []  # type: ignore[arg-type]
+    if not left_out:
+        return rows, []
+    some = f"{len(left_out)} smaller structure{'s' * (len(left_out) > 1)}"
+    return rows, [f"{some} without a row: {listing([label_text(c, names) for c in left_out], 8)}"]
+
+
+def plan_rows(
+    found: Mapping[int, Structure],
+    reference: Mapping[int, np.ndarray],
+    names: Mapping[int, str],
+    max_rows: int = MAX_ROWS,
+) -> tuple[list[Row], list[int]]:
+    """Rows through structure centres, largest structure first; returns the rows and the classes left out.
+
+    A structure that all three slices of an earlier row cut (in its ``reference`` label volume) gets
+    no row of its own: it is already seen in every view.
+    """
+    rows: list[Row] = []
+    left_out: list[int] = []
+    for c in sorted(found, key=lambda c: -found[c].voxels):
+        if any(_cuts(reference[c], c, row.centre) for row in rows):
+            continue
+        if len(rows) < max_rows:
+            rows.append(Row(f"centre of {label_text(c, names)}", found[c].centre))
+        else:
+            left_out.append(c)
+    return rows, left_out
+
+
+def _cuts(labels: np.ndarray, c: int, centre: tuple[int, int, int]) -> bool:
+    i, j, k = centre
+    return bool((labels[i] == c).any() and (labels[:, j] == c).any() and (labels[:, :, k] == c).any())
+
+
+def _legend_text(index: int, names: Mapping[int, str], dice: Mapping[int, float]) -> str:
+    return (
+        f"{label_text(index, names)} · Dice {dice[index]:.2f}" if index in dice else label_text(index, names)
+    )
+
+
+def _heading(title: str, dice: Mapping[int, float], truth: RasVolume | None) -> str:
+    if truth is None:
+        return title
+    score = f"mean Dice {np.mean(list(dice.values())):.3f}" if dice else "mean Dice n/a (nothing segmented)"
+    return f"{title} — {score}" if title else score
+
+
+class _Layout:
+    """Pixel positions of every panel: one scale (pixels per mm) for all, so proportions are physical."""
+
+    def __init__(
+        self,
+        image: RasVolume,
+        rows: Sequence[Row],
+        columns: Sequence[Column],
+        legend: int,
+        lines: int,
+        dpi: int,
+    ):
+        self.image, self.rows, self.columns, self.dpi = image, rows, columns, dpi
+        shape, spacing = image.data.shape, image.spacing
+        extents = {
+            v.name: (shape[v.row_axis] * spacing[v.row_axis], shape[v.col_axis] * spacing[v.col_axis])
+            for v in VIEWS
+        }
+        px_per_mm = PANEL_IN * dpi / max(max(e) for e in extents.values())
+        self.sizes = {
+            v.name: display_shape(
+                (shape[v.row_axis], shape[v.col_axis]), (spacing[v.row_axis], spacing[v.col_axis]), px_per_mm
+            )
+            for v in VIEWS
+        }
+        self.row_height = max(h for h, _ in self.sizes.values())
+        self.lefts = self._lefts()
+        width = self.lefts[-1] + self.sizes[columns[-1].view.name][1] + self._px(MARGIN_IN)
+        self.top = self._px(MARGIN_IN + lines * TEXT_LINE_IN)
+        self.row_step = self._px(HEADER_IN) + self.row_height + self._px(GAP_IN)
+        height = self.top + len(rows) * self.row_step + legend_height_px(legend, dpi) + self._px(MARGIN_IN)
+        self.canvas = Canvas(width, height, dpi)
+
+    def _px(self, inches: float) -> int:
+        return round(inches * self.dpi)
+
+    def _lefts(self) -> list[int]:
+        x, lefts = self._px(MARGIN_IN + ROW_LABEL_IN), []
+        for index, column in enumerate(self.columns):
+            if index:
+                same_view = column.view is self.columns[index - 1].view
+                x += self.sizes[self.columns[index - 1].view.name][1] + self._px(
+                    GAP_IN if same_view else VIEW_GAP_IN
+                )
+            lefts.append(x)
+        return lefts
+
+    def draw(self, window: tuple[float, float], table: np.ndarray) -> Canvas:
+        self.window, self.table, self.edge = window, table, max(1, self._px(EDGE_IN))
+        for r, row in enumerate(self.rows):
+            row_top = self.top + r * self.row_step + self._px(HEADER_IN)
+            self.canvas.text(
+                self._px(MARGIN_IN + ROW_LABEL_IN / 2),
+                row_top + self.row_height / 2,
+                row.name,
+                rotation=90,
+                ha="center",
+                va="center",
+                fontsize=9,
+            )
+            grays = {v.name: self._gray(v, row.centre[v.axis]) for v in VIEWS}  # per view, not per column
+            for column, left in zip(self.columns, self.lefts, strict=True):
+                self._panel(row, column, left, row_top, grays[column.view.name])
+        return self.canvas
+
+    def _gray(self, view: View, index: int) -> np.ndarray:
+        return resample_linear(reslice(self.image.data, view, index), self.sizes[view.name])
+
+    def _panel(self, row: Row, column: Column, left: int, row_top: int, gray: np.ndarray) -> None:
+        view, index = column.view, row.centre[column.view.axis]
+        height, width = self.sizes[view.name]
+        top = row_top + (self.row_height - height) // 2
+        labels = resample_nearest(reslice(column.labels, view, index), (height, width))
+        self.canvas.image(compose(gray, labels, self.window, self.table, self.edge), left, top)
+        if row is self.rows[0]:  # every row is oriented alike: letters once keep the panels clean
+            self.canvas.letters(view.letters, left, top, width, height)
+        header = f"{view.name} {index}/{self.image.data.shape[view.axis] - 1}"
+        self.canvas.text(
+            left + width / 2,
+            top - 3,
+            f"{header} · {column.kind}" if column.kind else header,
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )

@@ -1,0 +1,380 @@
+"""``medseg compare``: race bundles on the user's own data with one budget and one seed, and rank them.
+
+Every bundle trains on the same cases (per fold) with the same epochs or wall-clock minutes, and is
+scored on the same held-out cases: the labelled test cases, or with ``folds`` > 1 each fold's
+validation cases (k-fold cross-validation). Each training and evaluation runs in its own process,
+so its wall time and peak memory are its own and a failing bundle cannot take the race down.
+
+MLflow: one parent run for the comparison; each bundle's training run (per fold) is its child and
+carries the held-out metrics, and that bundle's evaluation runs are nested under it.
+
+What is done is recorded in ``compare.json`` in the output folder as it happens: rerunning the same
+command resumes and never trains a finished bundle again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.io.atomic import atomic_write
+
+DEFAULT_BUNDLES = ("unet3d", "resunet", "attention_unet", "unetr", "multiresunet")
+STATE_FILE = "compare.json"
+PARENT_TAG = "mlflow.parentRunId"  # what makes MLflow's UI nest a run under another
+
+
+@dataclass
+class Comparison:
+    """What to race and where; ``state`` is the record of finished jobs, kept in ``compare.json``."""
+
+    datalist: Path
+    output_dir: Path
+    bundles: tuple[str, ...] = DEFAULT_BUNDLES
+    epochs: int | None = None
+    minutes: float | None = None
+    folds: int = 1
+    overrides: dict[str, Any] = field(default_factory=dict)
+    tta: bool = True
+    ensemble: bool = True
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state_path(self) -> Path:
+        return self.output_dir / STATE_FILE
+
+    def load_state(self) -> None:
+        if self.state_path.is_file():
+            self.state = json.loads(self.state_path.read_text())
+
+    def save_state(self) -> None:
+        with atomic_write(self.state_path) as handle:
+            handle.write(json.dumps(self.state, indent=2).encode())
+
+    def job_dir(self, bundle: str, fold: int) -> Path:
+        return self.output_dir / bundle / f"fold{fold}"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A finished job's wall time and the peak resident memory of its process."""
+
+    seconds: float
+    peak_gib: float
+
+
+def run_measured(command: Sequence[str]) -> Measured:
+    """Run a command; its own peak RSS comes from ``wait4`` (ru_maxrss is in KiB on Linux)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(list(command))
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, list(command))
+    return Measured(time.perf_counter() - started, usage.ru_maxrss / 2**20)
+
+
+def run_job(comparison: Comparison, key: str, function: str, **kwargs: Any) -> dict[str, float]:
+    """Run ``pipeline.workflows.<function>(**kwargs)`` in a child process once; later calls with the
+    same ``key`` return the recorded measurement instead."""
+    jobs = comparison.state.setdefault("jobs", {})
+    if key in jobs:
+        return jobs[key]
+    spec = comparison.output_dir / "jobs" / f"{key.replace('/', '_')}.json"
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    spec.write_text(json.dumps({"function": function, "kwargs": kwargs}, default=str, indent=2))
+    measured = run_measured([sys.executable, "-m", "pipeline.compare", str(spec)])
+    jobs[key] = {"seconds": measured.seconds, "peak_gib": measured.peak_gib}
+    comparison.save_state()
+    return jobs[key]
+
+
+def _run_spec(path: str) -> None:
+    """The child side of ``run_job``."""
+    from pipeline import workflows
+
+    spec = json.loads(Path(path).read_text())
+    getattr(workflows, spec["function"])(**spec["kwargs"])
+
+
+def held_out_split(datalist: Path, folds: int) -> str:
+    """Labelled test cases when there are some and no cross-validation, else the validation fold."""
+    from pipeline.data.datalist import cases
+
+    if folds == 1 and any("label" in case for case in cases(datalist, role="test")):
+        return "test"
+    return "validation"
+
+
+def tracking_settings(comparison: Comparison) -> Mapping[str, Any]:
+    keys = ("tracking_uri", "experiment_name")
+    return {key: comparison.overrides[key] for key in keys if key in comparison.overrides}
+
+
+def open_parent_run(comparison: Comparison, client: Any, experiment: str) -> str:
+    """The comparison's MLflow run: created once, reopened when the comparison resumes."""
+    from pipeline.tracking import git_commit, new_run_name
+
+    if "parent_run_id" in comparison.state:
+        client.update_run(comparison.state["parent_run_id"], status="RUNNING")
+        return comparison.state["parent_run_id"]
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    name = comparison.overrides.pop("run_name", None) or new_run_name("compare")
+    run = client.create_run(
+        experiment_id, run_name=name, tags={"workflow": "compare", "git_commit": git_commit()}
+    )
+    budget = {"epochs": comparison.epochs, "minutes": comparison.minutes, "folds": comparison.folds}
+    for key, value in {**budget, "bundles": ",".join(comparison.bundles)}.items():
+        client.log_param(run.info.run_id, key, value)
+    comparison.state.update(parent_run_id=run.info.run_id, name=name, experiment=experiment)
+    comparison.save_state()
+    return run.info.run_id
+
+
+def train_bundle(comparison: Comparison, bundle: str, fold: int, parent_id: str) -> dict[str, float]:
+    """One bundle on one fold, as a child run of the comparison."""
+    overrides = {
+        **comparison.overrides,
+        "val_fold": fold,
+        "run_name": f"{comparison.state['name']}-{bundle}-fold{fold}",
+        f"tracked_tags::{PARENT_TAG}": parent_id,
+    }
+    if comparison.minutes is not None:
+        overrides["time_budget_minutes"] = comparison.minutes
+    return run_job(
+        comparison,
+        f"{bundle}/fold{fold}/train",
+        "train",
+        name=bundle,
+        datalist=str(comparison.datalist),
+        output_dir=str(comparison.job_dir(bundle, fold)),
+        epochs=comparison.epochs,
+        overrides=overrides,
+        check_data=False,
+    )
+
+
+def evaluate_bundle(
+    comparison: Comparison, bundle: str, fold: int, train_run_id: str, tta: bool
+) -> tuple[Path, dict[str, float]]:
+    """Score one trained bundle on the held-out cases, nested under its training run."""
+    suffix = "-tta" if tta else ""
+    output = comparison.job_dir(bundle, fold) / f"evaluation{suffix}"
+    overrides = {
+        **comparison.overrides,
+        "val_fold": fold,
+        "tta": tta,
+        "run_name": f"{comparison.state['name']}-{bundle}-fold{fold}-eval{suffix}",
+        f"tracked_tags::{PARENT_TAG}": train_run_id,
+    }
+    measured = run_job(
+        comparison,
+        f"{bundle}/fold{fold}/evaluate{suffix}",
+        "evaluate",
+        name=bundle,
+        datalist=str(comparison.datalist),
+        output_dir=str(output),
+        checkpoint=str(comparison.job_dir(bundle, fold) / "models" / "model.pt"),
+        split=held_out_split(comparison.datalist, comparison.folds),
+        overrides=overrides,
+    )
+    return output, measured
+
+
+def ensemble_bundles(
+    comparison: Comparison, members: Sequence[str], fold: int
+) -> tuple[Path, dict[str, float]]:
+    """Average the softmax of the members' checkpoints on the held-out cases, then score it."""
+    from pipeline.data.datalist import cases
+
+    name = "+".join(members)
+    folder = comparison.output_dir / f"ensemble_{name}" / f"fold{fold}"
+    split = held_out_split(comparison.datalist, comparison.folds)
+    images = [c["image"] for c in cases(comparison.datalist, role=split, val_fold=fold)]
+    checkpoints = [str(comparison.job_dir(m, fold) / "models" / "model.pt") for m in members]
+    measured = run_job(
+        comparison,
+        f"ensemble_{name}/fold{fold}/infer",
+        "infer_ensemble",
+        names=list(members),
+        checkpoints=checkpoints,
+        inputs=images,
+        output_dir=str(folder / "predictions"),
+        overrides={**comparison.overrides, "tracking_required": False},
+        tracking=False,
+    )
+    output = folder / "evaluation"
+    from pipeline.evaluation import evaluate_predictions
+
+    evaluate_predictions(folder / "predictions", comparison.datalist, output, split=split, val_fold=fold)
+    return output, measured
+
+
+def parameter_count(checkpoint: Path) -> int:
+    """Counted from the trained weights, so it is the network as trained (user overrides included)."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return int(sum(tensor.numel() for tensor in state.values()))
+
+
+def race_fold(comparison: Comparison, fold: int, client: Any, board: dict[str, Any]) -> None:
+    """Train and score every bundle on one fold; a bundle that fails is reported, not fatal."""
+    from pipeline.evaluation.leaderboard import Entry, case_means
+    from pipeline.tracking.runs import find_run_id
+
+    for bundle in comparison.bundles:
+        try:
+            trained = train_bundle(comparison, bundle, fold, comparison.state["parent_run_id"])
+            run_name = f"{comparison.state['name']}-{bundle}-fold{fold}"
+            train_run = find_run_id(client, comparison.state["experiment"], run_name)
+            for tta in (False, True) if comparison.tta else (False,):
+                output, measured = evaluate_bundle(comparison, bundle, fold, train_run, tta)
+                entry = board.setdefault(
+                    bundle + (" + TTA" if tta else ""),
+                    Entry(bundle + (" + TTA" if tta else ""), tta=tta),
+                )
+                entry.add_fold(case_means(output), trained, measured)
+                entry.parameters = parameter_count(comparison.job_dir(bundle, fold) / "models" / "model.pt")
+            log_held_out(client, train_run, board[bundle].per_fold[-1])
+        except subprocess.CalledProcessError as error:
+            board.setdefault(bundle, Entry(bundle)).failure = f"exit status {error.returncode}"
+            print(
+                f"medseg compare: {bundle} fold {fold} failed ({error.returncode}); going on", file=sys.stderr
+            )
+
+
+def log_held_out(client: Any, run_id: str, means: Mapping[str, float]) -> None:
+    """The held-out metrics on the bundle's child run, so MLflow's compare view lines them up."""
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    metrics = [Metric(f"heldout_{key}", float(value), stamp, 0) for key, value in means.items()]
+    client.log_batch(run_id, metrics=metrics)
+
+
+def add_ensemble(comparison: Comparison, board: dict[str, Any]) -> None:
+    """The ensemble of the two best plain bundles, as one more row."""
+    from pipeline.evaluation.leaderboard import Entry, case_means, ranked
+
+    plain = [entry for entry in ranked(board.values()) if not entry.tta and not entry.failure]
+    if len(plain) < 2:
+        return
+    members = [plain[0].name, plain[1].name]
+    entry = Entry(f"ensemble {' + '.join(members)}")
+    for fold in range(comparison.folds):
+        output, measured = ensemble_bundles(comparison, members, fold)
+        entry.add_fold(case_means(output), None, measured)
+    entry.parameters = sum(plain[i].parameters or 0 for i in range(2))
+    board[entry.name] = entry
+
+
+def compare(
+    datalist: str | Path,
+    output_dir: str | Path,
+    bundles: Sequence[str] = DEFAULT_BUNDLES,
+    epochs: int | None = None,
+    minutes: float | None = None,
+    folds: int = 1,
+    overrides: Mapping[str, Any] | None = None,
+    tta: bool = True,
+    ensemble: bool = True,
+) -> Path:
+    """Race the bundles; returns the leaderboard's Markdown file (an HTML twin lies beside it)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.data.datalist import dataset_name
+    from pipeline.evaluation.leaderboard import write_leaderboard
+    from pipeline.tracking import default_tracking_uri
+    from pipeline.workflows import bundle_dir, require_valid_data
+
+    if epochs is None and minutes is None:
+        raise ValueError("give a budget: --epochs N or --minutes M (the same for every bundle)")
+    if folds < 1:
+        raise ValueError(f"--folds must be 1 or more, not {folds}")
+    for bundle in bundles:
+        bundle_dir(bundle)  # an unknown name fails now, not after hours of racing
+    comparison = Comparison(
+        Path(datalist).resolve(), Path(output_dir).resolve(), tuple(bundles), epochs, minutes, folds,
+        dict(overrides or {}), tta, ensemble,
+    )  # fmt: skip
+    require_valid_data(comparison.datalist, ("train", "validation", "test"), comparison.overrides)
+    comparison.output_dir.mkdir(parents=True, exist_ok=True)
+    comparison.load_state()
+    client = MlflowClient(comparison.overrides.get("tracking_uri") or default_tracking_uri())
+    experiment = comparison.overrides.get("experiment_name") or dataset_name(comparison.datalist)
+    comparison.overrides.setdefault("experiment_name", experiment)
+    parent = open_parent_run(comparison, client, experiment)
+    board: dict[str, Any] = {}
+    for fold in range(folds):
+        race_fold(comparison, fold, client, board)
+    if ensemble:
+        add_ensemble(comparison, board)
+    markdown, html = write_leaderboard(
+        list(board.values()), comparison.output_dir, describe_budget(comparison)
+    )
+    for path in (markdown, html, comparison.state_path):
+        client.log_artifact(parent, str(path))
+    failed = any(entry.failure for entry in board.values())
+    client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
+    return markdown
+
+
+def describe_budget(comparison: Comparison) -> str:
+    parts = [f"{comparison.epochs} epochs" if comparison.epochs else ""]
+    parts.append(f"{comparison.minutes:g} min per bundle" if comparison.minutes else "")
+    folds = f"{comparison.folds}-fold cross-validation" if comparison.folds > 1 else "held-out cases"
+    seed = comparison.overrides.get("seed", 0)
+    return f"budget: {', '.join(p for p in parts if p)}; scored on {folds}; seed {seed}"
+
+
+def add_compare_command(commands: Any) -> None:
+    command = commands.add_parser(
+        "compare", help="train and score several bundles on the same data and budget; write a leaderboard"
+    )
+    command.add_argument("--data", required=True, help="datalist JSON")
+    command.add_argument("--bundles", default=",".join(DEFAULT_BUNDLES), help="comma-separated bundle names")
+    budget = command.add_argument_group("budget (the same for every bundle)")
+    budget.add_argument("--epochs", type=int, help="epochs per bundle (with --minutes: the upper bound)")
+    budget.add_argument("--minutes", type=float, help="wall-clock training minutes per bundle and fold")
+    command.add_argument(
+        "--folds", type=int, default=1, help="k-fold cross-validation over the datalist folds"
+    )
+    command.add_argument("--output", default="outputs/compare", help="folder (rerun the command to resume)")
+    command.add_argument("--no-tta", action="store_true", help="skip the rows with test-time mirroring")
+    command.add_argument("--no-ensemble", action="store_true", help="skip the ensemble of the best two")
+    from pipeline.cli import add_tracking_options
+
+    add_tracking_options(command)
+    command.epilog = "Trailing key=value arguments override config ids of every bundle (spacing=[2,2,2])."
+    command.set_defaults(func=_compare_command, takes_overrides=True)
+
+
+def _compare_command(args: Any) -> None:
+    from pipeline.cli import parse_overrides, tracking_overrides
+
+    leaderboard = compare(
+        args.data,
+        args.output,
+        [name.strip() for name in args.bundles.split(",") if name.strip()],
+        epochs=args.epochs,
+        minutes=args.minutes,
+        folds=args.folds,
+        overrides={**tracking_overrides(args), **parse_overrides(args.overrides)},
+        tta=not args.no_tta,
+        ensemble=not args.no_ensemble,
+    )
+    print(leaderboard.read_text())
+    print(f"leaderboard: {leaderboard} (and {leaderboard.with_suffix('.html').name})")
+
+
+if __name__ == "__main__":
+    _run_spec(sys.argv[1])

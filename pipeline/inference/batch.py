@@ -1,0 +1,198 @@
+"""Segmenting many cases in one run without losing work to one bad case, a kill or a full disk.
+
+- Each segmentation is written atomically (``AtomicNiftiWriter``, named by SaveImaged's ``writer``):
+  a killed run never leaves half a file under the final name.
+- A rerun skips the cases whose segmentation exists (``cases_to_segment``; ``overwrite: true`` redoes
+  them), so an interrupted batch resumes where it stopped.
+- A case that fails (reading, the network, post-processing or saving) is logged and skipped; the
+  others go on, and the run ends listing every failure (``SkipFailedCases.raise_if_any`` raises
+  ``CaseFailures``: ``medseg infer`` exits with status 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+from monai.data import FolderLayout, NibabelWriter
+
+from pipeline.data.datalist import image_cases
+from pipeline.io.atomic import atomic_path
+from pipeline.io.readers import series_name_formatter
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_EXTENSION = ".nii.gz"  # SaveImaged's default, which the bundles keep
+
+
+class AtomicNiftiWriter(NibabelWriter):
+    """MONAI's NIfTI writer, writing beside the target and renaming into place when complete."""
+
+    def write(self, filename: str | Path, verbose: bool = False, **kwargs: Any) -> None:
+        with atomic_path(filename, keep_suffix=True) as tmp:
+            super().write(tmp, verbose=verbose, **kwargs)
+
+
+def output_path(image: str | Path, output_dir: str | Path, postfix: str) -> Path:
+    """Where SaveImaged puts the segmentation of ``image``: the same formatter and folder layout."""
+    layout = FolderLayout(output_dir, postfix=postfix, extension=OUTPUT_EXTENSION, makedirs=False)
+    names = series_name_formatter({"filename_or_obj": str(image)}, None)
+    return Path(layout.filename(**names))
+
+
+def cases_to_segment(
+    inputs: str | Path | Sequence[str | Path], output_dir: str | Path, postfix: str, overwrite: bool = False
+) -> list[dict]:
+    """The input cases (files, folders, DICOM series) still to segment: without ``overwrite``, those
+    whose segmentation is already in ``output_dir`` are skipped (a rerun resumes a batch)."""
+    cases = image_cases(inputs if isinstance(inputs, (str, Path)) else list(inputs))
+    if overwrite:
+        return cases
+    todo = [case for case in cases if not output_path(case["image"], output_dir, postfix).is_file()]
+    if len(todo) < len(cases):
+        logger.info(
+            "%d of %d cases already segmented in %s: skipped (overwrite=true segments them again)",
+            len(cases) - len(todo),
+            len(cases),
+            output_dir,
+        )
+    return todo
+
+
+@dataclass(frozen=True)
+class Failure:
+    case: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.case}: {self.reason}"
+
+
+class CaseFailures(RuntimeError):
+    """Some cases could not be segmented; the others were. ``failures`` names each with its reason."""
+
+    def __init__(self, failures: Sequence[Failure], total: int) -> None:
+        self.failures = list(failures)
+        self.total = total
+        lines = "\n".join(f"  {failure}" for failure in self.failures)
+        super().__init__(f"{len(self.failures)} of {total} cases could not be segmented:\n{lines}")
+
+
+# A line "SomeError: message" of a traceback pasted into a message, and the wrappers to look through.
+RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$")
+WRAPPERS = ("applying transform", "Caught ")
+
+
+def reason(error: BaseException) -> str:
+    """One line for a failure: the root cause, not MONAI's wrappers ("applying transform ...") nor the
+    tracebacks that SaveImage and data loader workers paste into their own messages."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error)
+    if "Traceback (most recent call last)" in text:
+        raised = [
+            m for line in text.splitlines() if (m := RAISED.match(line)) and not m[2].startswith(WRAPPERS)
+        ]
+        if raised:
+            return f"{raised[-1][1].rsplit('.', 1)[-1]}: {raised[-1][2]}"
+    first = text.strip().splitlines()[0] if text.strip() else "no detail"
+    return f"{type(error).__name__}: {first}"
+
+
+@dataclass
+class _FailedLoad:
+    """Stands in for a batch whose case could not be read."""
+
+    case: str
+    error: BaseException
+
+
+class _FailSafeLoader:
+    """Iterates a data loader, turning a case that cannot be loaded into a ``_FailedLoad``."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:  # sampler, dataset, batch_size ... as the loader's
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = iter(self.loader)
+        for index in range(len(self.loader)):
+            try:
+                yield next(batches)
+            except StopIteration:
+                return
+            except Exception as error:  # the reader's or a transform's: this case only
+                yield _FailedLoad(_case_name(self.loader, index), error)
+
+
+def _case_name(loader: Any, index: int) -> str:
+    """The input of batch ``index`` (inference loads one case per batch, in order)."""
+    data = getattr(getattr(loader, "dataset", None), "data", None)
+    try:
+        return str(data[index * loader.batch_size]["image"])
+    except (TypeError, IndexError, KeyError):
+        return f"case {index + 1}"
+
+
+def _batch_case(batch: Any) -> str:
+    try:
+        return str(batch["image"].meta["filename_or_obj"][0])
+    except (TypeError, KeyError, IndexError, AttributeError):
+        return "a case"
+
+
+class SkipFailedCases:
+    """ignite handler for an inference engine: a failing case is logged and skipped, the others go on.
+
+    It wraps the engine's data loader (a case that cannot be read) and its iteration (the network,
+    post-processing, saving); a skipped case's iteration yields no output. Not for engines with
+    metrics (evaluation): a skipped case would leave them misaligned, so ``enabled`` is off there.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.failures: list[Failure] = []
+        self.total = 0
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        engine.data_loader = _FailSafeLoader(engine.data_loader)
+        engine._process_function = self._tolerant(engine._process_function)  # ignite's iteration
+        engine.add_event_handler(Events.STARTED, self._reset)
+
+    def _reset(self, engine: Engine) -> None:
+        self.failures.clear()
+        self.total = engine.state.epoch_length or 0
+
+    def _tolerant(self, iteration: Callable[[Engine, Any], Any]) -> Callable[[Engine, Any], Any]:
+        def run_one(engine: Engine, batch: Any) -> Any:
+            if isinstance(batch, _FailedLoad):
+                return self._skip(batch.case, batch.error)
+            try:
+                return iteration(engine, batch)
+            except Exception as error:
+                return self._skip(_batch_case(batch), error)
+
+        return run_one
+
+    def _skip(self, case: str, error: BaseException) -> list:
+        failure = Failure(case, reason(error))
+        self.failures.append(failure)
+        logger.error("skipping %s", failure)
+        return []
+
+    def raise_if_any(self) -> None:
+        """At the end of the run (the workflow's ``finalize``): every failure, in one error."""
+        if self.failures:
+            raise CaseFailures(self.failures, self.total)

@@ -1,0 +1,88 @@
+"""``medseg compare`` end to end: two tiny bundles, one epoch, TTA rows, the ensemble, MLflow nesting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import SMALL_INPUTS, TINY_NETWORKS
+
+import mlflow
+from pipeline.cli import main
+from pipeline.compare import PARENT_TAG, STATE_FILE, compare
+from pipeline.data.datalist import cases
+
+BUNDLES = ("resunet", "attention_unet")  # both take `channels`, so one override shrinks both
+
+
+@pytest.fixture(scope="module")
+def raced(phantom_datalist: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("compare")
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    # artifacts beside the store, not in the working directory (a SQLite store's default)
+    mlflow.tracking.MlflowClient(uri).create_experiment("phantoms", artifact_location=str(root / "artifacts"))
+    overrides = {**SMALL_INPUTS, **TINY_NETWORKS["resunet"], "tracking_uri": uri, "val_interval": 1}
+    board = compare(phantom_datalist, root / "race", BUNDLES, epochs=1, overrides=overrides)
+    return {"root": root, "uri": uri, "board": board, "datalist": phantom_datalist, "overrides": overrides}
+
+
+def test_leaderboard_ranks_every_bundle_with_and_without_tta_and_the_ensemble(raced: dict) -> None:
+    text = raced["board"].read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| rank")]
+    names = [row.split(" | ")[1] for row in rows]
+    plain = {"resunet", "resunet + TTA", "attention_unet", "attention_unet + TTA"}
+    assert set(names) - plain == {"ensemble attention_unet + resunet"} or set(names) - plain == {
+        "ensemble resunet + attention_unet"
+    }
+    dice = [float(row.split(" | ")[2]) for row in rows]
+    assert dice == sorted(dice, reverse=True), "rows are ranked by mean Dice"
+    header = text.splitlines()[4]
+    for column in ("dice_organ", "iou_core", "hd95_organ", "parameters", "training min", "peak memory GiB"):
+        assert column in header
+    assert "<table>" in raced["board"].with_suffix(".html").read_text()
+
+
+def test_mlflow_holds_a_parent_run_with_a_child_per_bundle(raced: dict) -> None:
+    client = mlflow.tracking.MlflowClient(raced["uri"])
+    state = json.loads((raced["board"].parent / STATE_FILE).read_text())
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert artifacts >= {"leaderboard.md", "leaderboard.html"}
+    experiment = parent.info.experiment_id
+    children = client.search_runs([experiment], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+    assert sorted(run.data.tags["bundle"] for run in children) == sorted(BUNDLES)
+    for child in children:
+        assert 0.0 <= child.data.metrics["heldout_dice_mean"] <= 1.0
+        evaluations = client.search_runs([experiment], f"tags.`{PARENT_TAG}` = '{child.info.run_id}'")
+        assert sorted(run.data.params["tta"] for run in evaluations) == ["False", "True"]
+
+
+def test_the_ensemble_segmentation_is_in_the_input_space(raced: dict) -> None:
+    (folder,) = raced["board"].parent.glob("ensemble_*/fold0/predictions")
+    (case,) = cases(raced["datalist"], role="test")
+    image = nib.load(case["image"])
+    (segmentation,) = [nib.load(p) for p in folder.glob("*_seg.nii.gz")]
+    assert segmentation.shape == image.shape
+    assert np.allclose(segmentation.affine, image.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(segmentation.dataobj))) <= {0, 1, 2}
+
+
+def test_a_rerun_resumes_without_training_again(raced: dict) -> None:
+    race = raced["board"].parent
+    models = sorted(race.glob("*/fold0/models/model.pt"))
+    stamps = [p.stat().st_mtime_ns for p in models]
+    arguments = [f"{key}={json.dumps(value)}" for key, value in raced["overrides"].items()]
+    command = ["compare", "--data", str(raced["datalist"]), "--bundles", ",".join(BUNDLES), "--epochs", "1"]
+    status = main([*command, "--output", str(race), *arguments])
+    assert status == 0
+    assert [p.stat().st_mtime_ns for p in models] == stamps
+
+
+def test_a_budget_is_required(phantom_datalist: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="budget"):
+        compare(phantom_datalist, tmp_path, BUNDLES)
+    assert main(["compare", "--data", str(phantom_datalist), "--bundles", "nonet", "--epochs", "1"]) == 2
