@@ -121,12 +121,12 @@ def tracking_settings(comparison: Comparison) -> Mapping[str, Any]:
 def open_parent_run(comparison: Comparison, client: Any, experiment: str) -> str:
     """The comparison's MLflow run: created once, reopened when the comparison resumes."""
     from pipeline.tracking import git_commit, new_run_name
+    from pipeline.tracking.store import ensure_experiment
 
     if "parent_run_id" in comparison.state:
         client.update_run(comparison.state["parent_run_id"], status="RUNNING")
         return comparison.state["parent_run_id"]
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = ensure_experiment(client, experiment)
     name = comparison.overrides.pop("run_name", None) or new_run_name("compare")
     run = client.create_run(
         experiment_id, run_name=name, tags={"workflow": "compare", "git_commit": git_commit()}
@@ -226,6 +226,15 @@ def parameter_count(checkpoint: Path) -> int:
     return int(sum(tensor.numel() for tensor in state.values()))
 
 
+def epochs_trained(models: Path) -> int:
+    """The epoch the training ended at (a time budget decides it), from its latest checkpoint."""
+    import torch
+
+    state = torch.load(models / "latest.pt", map_location="cpu", weights_only=True, mmap=True)
+    trainer = state["trainer"]  # ignite's state_dict: iterations, not epochs
+    return int(trainer["iteration"]) // max(1, int(trainer["epoch_length"]))
+
+
 def race_fold(comparison: Comparison, fold: int, client: Any, board: dict[str, Any]) -> None:
     """Train and score every bundle on one fold; a bundle that fails is reported, not fatal."""
     from pipeline.evaluation.leaderboard import Entry, case_means
@@ -243,7 +252,9 @@ def race_fold(comparison: Comparison, fold: int, client: Any, board: dict[str, A
                     Entry(bundle + (" + TTA" if tta else ""), tta=tta),
                 )
                 entry.add_fold(case_means(output), trained, measured)
-                entry.parameters = parameter_count(comparison.job_dir(bundle, fold) / "models" / "model.pt")
+                models = comparison.job_dir(bundle, fold) / "models"
+                entry.parameters = parameter_count(models / "model.pt")
+                entry.epochs.append(epochs_trained(models))
             log_held_out(client, train_run, board[bundle].per_fold[-1])
         except subprocess.CalledProcessError as error:
             board.setdefault(bundle, Entry(bundle)).failure = f"exit status {error.returncode}"

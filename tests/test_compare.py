@@ -22,8 +22,6 @@ BUNDLES = ("resunet", "attention_unet")  # both take `channels`, so one override
 def raced(phantom_datalist: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("compare")
     uri = f"sqlite:///{root / 'mlruns.db'}"
-    # artifacts beside the store, not in the working directory (a SQLite store's default)
-    mlflow.tracking.MlflowClient(uri).create_experiment("phantoms", artifact_location=str(root / "artifacts"))
     overrides = {**SMALL_INPUTS, **TINY_NETWORKS["resunet"], "tracking_uri": uri, "val_interval": 1}
     board = compare(phantom_datalist, root / "race", BUNDLES, epochs=1, overrides=overrides)
     return {"root": root, "uri": uri, "board": board, "datalist": phantom_datalist, "overrides": overrides}
@@ -40,7 +38,10 @@ def test_leaderboard_ranks_every_bundle_with_and_without_tta_and_the_ensemble(ra
     dice = [float(row.split(" | ")[2]) for row in rows]
     assert dice == sorted(dice, reverse=True), "rows are ranked by mean Dice"
     header = text.splitlines()[4]
-    for column in ("dice_organ", "iou_core", "hd95_organ", "parameters", "training min", "peak memory GiB"):
+    header_cells = [cell.strip() for cell in text.splitlines()[4].strip("|").split("|")]
+    epochs = [[c.strip() for c in row.strip("|").split("|")][header_cells.index("epochs")] for row in rows]
+    assert sorted(epochs) == ["-", "1", "1", "1", "1"], "one epoch each (the ensemble trains none)"
+    for column in ("dice_organ", "iou_core", "hd95_organ", "parameters", "epochs", "peak memory GiB"):
         assert column in header
     assert "<table>" in raced["board"].with_suffix(".html").read_text()
 
@@ -52,6 +53,8 @@ def test_mlflow_holds_a_parent_run_with_a_child_per_bundle(raced: dict) -> None:
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert artifacts >= {"leaderboard.md", "leaderboard.html"}
+    beside_the_store = (raced["root"] / "mlruns").as_uri()
+    assert parent.info.artifact_uri.startswith(beside_the_store)
     experiment = parent.info.experiment_id
     children = client.search_runs([experiment], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
     assert sorted(run.data.tags["bundle"] for run in children) == sorted(BUNDLES)

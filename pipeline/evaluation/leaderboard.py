@@ -30,6 +30,7 @@ class Entry:
     tta: bool = False
     per_fold: list[dict[str, float]] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)
     infer_seconds_per_case: list[float] = field(default_factory=list)
     peak_gib: list[float] = field(default_factory=list)
     parameters: int | None = None
@@ -99,7 +100,16 @@ def table(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the leaderboard, as text."""
     order = ranked(entries)
     columns = class_columns(order)
-    header = ["rank", "model", "mean Dice", *columns, "parameters", "training min", "inference s/case"]
+    header = [
+        "rank",
+        "model",
+        "mean Dice",
+        *columns,
+        "parameters",
+        "epochs",
+        "training min",
+        "inference s/case",
+    ]
     header += ["peak memory GiB", "note"]
     rows = []
     for rank, entry in enumerate(order, start=1):
@@ -115,6 +125,7 @@ def table(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]]]:
                 _with_spread(entry, RANK_BY),
                 *[_with_spread(entry, column) for column in columns],
                 f"{entry.parameters:,}" if entry.parameters else "-",
+                "/".join(str(e) for e in entry.epochs) or "-",
                 f"{sum(entry.train_seconds) / 60 / len(entry.train_seconds):.1f}"
                 if entry.train_seconds
                 else "-",

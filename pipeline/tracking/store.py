@@ -7,6 +7,7 @@ import secrets
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from monai.utils import path_to_sqlite_uri
 
@@ -99,3 +100,16 @@ def check_reachable(uri: str) -> None:
             f"MLflow tracking server {uri} cannot be reached ({type(error).__name__}); start it, fix "
             "MLFLOW_TRACKING_URI / --tracking-uri, or pass --tracking-optional"
         ) from None
+
+
+def ensure_experiment(client: Any, name: str) -> str:
+    """The experiment's id, creating it as MONAI's MLFlowHandler would: a local SQLite store keeps its
+    artifacts in ``mlruns/`` beside the database, not in whatever the working directory is."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    uri = str(client.tracking_uri)
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = Path(uri[len("sqlite:///") :]).parent.joinpath("mlruns").as_uri()
+    return client.create_experiment(name, artifact_location=location)

@@ -52,7 +52,9 @@ class TimeBudget:
     def _replan(self, trainer: Engine) -> None:
         planned = self._agreed(self.planned_epochs(trainer.state.epoch))
         if planned != trainer.state.max_epochs:
-            logger.info("time budget %.1f min: training for %d epochs", self.seconds / 60, planned)
+            first_plan = trainer.state.epoch == self._first_epoch + 1
+            level = logging.INFO if first_plan else logging.DEBUG  # later plans move by an epoch or two
+            logger.log(level, "time budget %.1f min: training for %d epochs", self.seconds / 60, planned)
             trainer.state.max_epochs = planned
             if hasattr(self.lr_scheduler, "t_total"):
                 self.lr_scheduler.t_total = planned
