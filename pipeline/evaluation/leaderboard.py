@@ -100,23 +100,12 @@ def table(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the leaderboard, as text."""
     order = ranked(entries)
     columns = class_columns(order)
-    header = [
-        "rank",
-        "model",
-        "mean Dice",
-        *columns,
-        "parameters",
-        "epochs",
-        "training min",
-        "inference s/case",
-    ]
-    header += ["peak memory GiB", "note"]
+    header = ["rank", "model", "mean Dice", *columns, "parameters", "epochs", "training min"]
+    header += ["inference s/case", "peak memory GiB", "note"]
     rows = []
     for rank, entry in enumerate(order, start=1):
         if entry.failure:
-            rows.append(
-                [str(rank), entry.name, "-", *["-"] * len(columns), "-", "-", "-", "-", entry.failure]
-            )
+            rows.append([str(rank), entry.name, *["-"] * (len(header) - 3), entry.failure])
             continue
         rows.append(
             [
