@@ -101,6 +101,7 @@ BAD_IMAGES = {
     "zero_spacing": (lambda p: patched(p, 320, "<f", 0.0), "has a zero axis", "error"),
     "nan_spacing": (lambda p: patched(p, 300, "<f", np.nan), "NaN or infinite", "error"),
     "huge_spacing": (lambda p: with_affine(p, np.diag([1.0, 1.0, 30.0, 1.0])), "over 20 mm", "error"),
+    "tiny_spacing": (lambda p: with_affine(p, np.diag([1e-9, 1.0, 1.0, 1.0])), "under 0.001 mm", "error"),
     "anisotropic": (lambda p: with_affine(p, np.diag([0.5, 0.5, 12.0, 1.0])), "anisotropic", "warning"),
     "two_d": (lambda p: nifti(p, volume(shape=(12, 10))), "is 2D (12x10)", "error"),
     "single_slice": (lambda p: nifti(p, volume(shape=(12, 10, 1))), "is not a volume", "error"),

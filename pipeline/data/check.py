@@ -11,8 +11,9 @@ Rules (``error`` stops training and evaluation; ``warning`` is reported and logg
   channel count must match the datalist's ``modality`` table (a label has one channel).
 - size guard: a volume whose voxel count x 4 bytes (its float32 tensor) exceeds the memory
   budget (default 8 GiB) is refused from its header, before any voxel is read.
-- spacing, taken from the affine (what MONAI resamples with): NaN, zero (degenerate axes) or
-  over 20 mm (no 3D scan has it; usually cm/m units) is an error; anisotropy over 20x is a
+- spacing, taken from the affine (what MONAI resamples with): NaN, zero (degenerate axes),
+  under 1 micrometre (even micro-CT is coarser; usually metres) or over 20 mm (no 3D scan has it;
+  usually cm/m units) is an error; anisotropy over 20x is a
   warning (thick-slice MRI reaches 15x legitimately).
 - image vs label: the same shape, and the same geometry within 1e-3 mm in the origin, 1e-4 in
   the direction cosines (0.03 mm at 300 mm from the origin) and 1e-4 relative in spacing; these
@@ -46,6 +47,7 @@ from pipeline.io.inspect import Unreadable, open_volume, reason
 Severity = Literal["error", "warning"]
 MEMORY_BUDGET = 8 * 2**30
 MAX_SPACING_MM = 20.0
+MIN_SPACING_MM = 1e-3
 MAX_ANISOTROPY = 20.0
 ORIGIN_TOLERANCE_MM = 1e-3
 DIRECTION_TOLERANCE = 1e-4
@@ -110,6 +112,9 @@ def _geometry(path: str, affine: np.ndarray) -> list[Finding]:
     findings = []
     if abs(np.linalg.det(affine[:3, :3] / spacing)) < 1e-2:
         findings.append(Finding(path, "affine axes are (nearly) parallel: the direction matrix is singular"))
+    if spacing.min() < MIN_SPACING_MM:
+        problem = f"voxel spacing {_xs(spacing)} mm is under {MIN_SPACING_MM:g} mm (wrong units?)"
+        findings.append(Finding(path, problem))
     if spacing.max() > MAX_SPACING_MM:
         problem = f"voxel spacing {_xs(spacing)} mm is over {MAX_SPACING_MM:g} mm (wrong units?)"
         findings.append(Finding(path, problem))
