@@ -325,3 +325,13 @@ def test_monai_ct_dicom_gap_refused_regular_part_matches(shared_data: Path, tmp_
     nifti = dicom_to_nifti(tmp_path, tmp_path / "out")[0]
     assert_same_geometry(sitk.ReadImage(str(nifti)), reference)
     assert_no_leak(nifti.name + nifti.with_name(nifti.name.replace(".nii.gz", ".json")).read_text())
+
+
+@pytest.mark.parametrize("spacing", [["0", "0.8"], ["nan", "0.8"], ["-0.8", "0.8"]])
+def test_an_invalid_pixel_spacing_is_named_not_defaulted(tmp_path: Path, spacing: list[str]) -> None:
+    files = write_series(tmp_path, stored_volume())
+    broken = pydicom.dcmread(files[1])
+    broken.PixelSpacing = spacing
+    broken.save_as(files[1])
+    with pytest.raises(SeriesGeometryError, match=re.escape(str(files[1])) + ".*PixelSpacing"):
+        read_series(tmp_path)

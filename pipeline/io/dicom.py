@@ -204,8 +204,16 @@ def _check_size(where: str, slices: Slices) -> None:
         )
 
 
+def _check_pixel_spacing(where: str, slices: Slices) -> None:
+    """SimpleITK reads a missing, zero or NaN PixelSpacing as 1 mm: a silently wrong volume."""
+    for (path, _), values in zip(slices, _vectors(where, slices, "PixelSpacing"), strict=True):
+        if len(values) != 2 or not (np.isfinite(values).all() and (values > 0).all()):
+            raise SeriesGeometryError(f"{path}: PixelSpacing {values.tolist()} is not two positive mm")
+
+
 def _read_slices(where: str, slices: Slices) -> sitk.Image:
     _check_size(where, slices)
+    _check_pixel_spacing(where, slices)
     image = _execute(where, _order(where, slices))
     if image.GetDimension() != 3:
         raise SeriesGeometryError(f"{where}: a single 2D slice, not a volume")
