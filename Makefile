@@ -37,7 +37,7 @@ test-long: setup
 
 # Speed per bundle on this machine; never part of `make test`.
 bench: setup
-	$(BIN)/python bench/speed.py
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

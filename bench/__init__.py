@@ -1,0 +1,1 @@
+"""`make bench`: ours against the MONAI model-zoo way; `python -m bench.run --help`."""

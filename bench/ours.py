@@ -1,0 +1,86 @@
+"""Our side: a bundle's inference and training configs exactly as users run them.
+
+Inference parses ``config_files(bundle, "inference")`` (what ``medseg infer`` and ``monai.bundle run``
+compose) and runs its evaluator; only the network is wrapped, to time and sample its windows.
+Training takes the train config's own data loader, network, optimizer and loss.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+from monai.utils import set_determinism
+
+from bench.sampling import SampledNetwork
+from pipeline.data.datalist import save_dataset_info
+from pipeline.workflows import bundle_dir, config_files, meta_files
+
+
+def parser_for(bundle: str, workflow: str, overrides: Mapping[str, Any]) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_meta(meta_files(bundle))
+    parser.read_config(config_files(bundle, workflow))
+    parser.update({"bundle_root": str(bundle_dir(bundle)), **overrides})
+    return parser
+
+
+def seeded_checkpoint(bundle: str, datalist: Path, folder: Path, overrides: Mapping[str, Any]) -> Path:
+    """Random but seeded weights for ``bundle`` (timing needs no training), saved as ``model.pt``
+    with the dataset facts beside it, as a training would leave them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_dataset_info(datalist, folder)
+    parser = parser_for(bundle, "inference", {**overrides, "checkpoint": str(folder / "model.pt")})
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network_def")
+    torch.save(network.state_dict(), folder / "model.pt")
+    return folder / "model.pt"
+
+
+def build_network(
+    bundle: str, checkpoint: Path, overrides: Mapping[str, Any]
+) -> tuple[torch.nn.Module, dict]:
+    """The bundle's network with the checkpoint's weights, and the settings the baseline must share."""
+    parser = parser_for(bundle, "inference", {**overrides, "checkpoint": str(checkpoint)})
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    keys = ("patch_size", "spacing", "ct_window", "modality", "num_classes", "sw_batch_size")
+    return network, {key: parser.get_parsed_content(key) for key in keys}
+
+
+def inference(
+    bundle: str,
+    images: Sequence[str],
+    output_dir: Path,
+    checkpoint: Path,
+    sample_calls: int | None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[float, SampledNetwork]:
+    """Segment ``images`` with the bundle's inference workflow; returns its wall seconds and the
+    sampled network (windows, seconds per window)."""
+    settings = {"input": list(images), "output_dir": str(output_dir), "checkpoint": str(checkpoint)}
+    parser = parser_for(bundle, "inference", {**settings, "overwrite": True, **(overrides or {})})
+    evaluator = parser.get_parsed_content("evaluator")
+    sampled = SampledNetwork(evaluator.network, sample_calls)
+    evaluator.network = sampled
+    set_determinism(seed=parser["seed"])
+    started = time.perf_counter()
+    evaluator.run()
+    wall = time.perf_counter() - started
+    parser.get_parsed_content("case_failures").raise_if_any()
+    return wall, sampled
+
+
+def training_parts(
+    bundle: str, datalist: Path, workdir: Path, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The train config's data loader, network, optimizer and loss (nothing else is built)."""
+    settings = {"datalist": str(datalist), "output_dir": str(workdir), "ckpt_dir": str(workdir / "models")}
+    parser = parser_for(bundle, "train", {**settings, **overrides})
+    set_determinism(seed=parser["seed"])
+    names = {"loader": "train::dataloader", "network": "network", "optimizer": "optimizer", "loss": "loss"}
+    return {name: parser.get_parsed_content(key) for name, key in names.items()}
