@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +15,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def window_flops(network: torch.nn.Module, patch: list[int], in_channels: int = 1) -> int:
-    """FLOPs of one no-grad forward of one window, as torch counts them (convolutions, matmuls)."""
+    """FLOPs of one no-grad forward of one window, as torch counts them (convolutions, matmuls),
+    on a copy on the meta device: shapes only, no arithmetic (a MultiResUNet window is 1 TFLOP)."""
     counter = FlopCounterMode(display=False)
-    network.eval()
+    shadow = copy.deepcopy(network).to("meta").eval()
     with torch.no_grad(), counter:
-        network(torch.zeros(1, in_channels, *patch))
+        shadow(torch.zeros(1, in_channels, *patch, device="meta"))
     return counter.get_total_flops()
 
 
@@ -45,22 +47,17 @@ def timed_steps(parts: dict[str, Any], batches: Iterator[dict], iterations: int)
     return (time.perf_counter() - started) / iterations, batch
 
 
-def training_seconds(
-    parts: dict[str, Any], loader: Any, iterations: int, ready: bool = True
-) -> dict[str, float]:
-    """Seconds per iteration with the data pipeline and, if ``ready``, with one ready-made batch
-    (nnU-Net's 'no data loading'): their difference is what the data pipeline costs.
+def training_seconds(parts: dict[str, Any], loader: Any, iterations: int) -> dict[str, float]:
+    """Seconds per iteration with the data pipeline and with one ready-made batch (nnU-Net's 'no
+    data loading'): their difference is what the data pipeline costs.
 
-    One batch is fetched before timing (the workers start, the cache fills); the network is warmed
-    by one step the first time only, since both sides train the same network.
+    One batch is fetched before timing (the workers start, the cache fills) and trains one untimed
+    step (allocations, kernel choice).
     """
     batches = iter(loader)
     first = first_item(next(batches))
-    if ready:
-        train_step(parts, torch.as_tensor(first["image"]), torch.as_tensor(first["label"]))  # warm-up
+    train_step(parts, torch.as_tensor(first["image"]), torch.as_tensor(first["label"]))
     with_data, batch = timed_steps(parts, batches, iterations)
-    if not ready:
-        return {"with_data_s": with_data}
     images, labels = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"])
     ready_s = timed_steps(parts, iter(lambda: {"image": images, "label": labels}, None), iterations)[0]
     return {"with_data_s": with_data, "ready_tensors_s": ready_s}

@@ -76,11 +76,13 @@ def inference(
 
 
 def training_parts(
-    bundle: str, datalist: Path, workdir: Path, overrides: Mapping[str, Any]
+    bundle: str, datalist: Path, workdir: Path, overrides: Mapping[str, Any], loader: bool = True
 ) -> dict[str, Any]:
-    """The train config's data loader, network, optimizer and loss (nothing else is built)."""
+    """The train config's network, optimizer, loss and (if ``loader``) data loader; nothing else."""
     settings = {"datalist": str(datalist), "output_dir": str(workdir), "ckpt_dir": str(workdir / "models")}
     parser = parser_for(bundle, "train", {**settings, **overrides})
     set_determinism(seed=parser["seed"])
-    names = {"loader": "train::dataloader", "network": "network", "optimizer": "optimizer", "loss": "loss"}
+    names = {"network": "network", "optimizer": "optimizer", "loss": "loss"}
+    if loader:
+        names["loader"] = "train::dataloader"
     return {name: parser.get_parsed_content(key) for name, key in names.items()}

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from bench import baseline, machine, ours
+from bench.isolated import in_fresh_process
 from bench.measure import dice, segmentation_of, training_seconds, window_flops
 from bench.scaling import scaling
 from bench.volumes import write_case, write_datalist
@@ -60,36 +61,31 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def inference_pair(bundle: str, args: argparse.Namespace, image: str, work: Path, overrides: dict) -> dict:
-    """Ours and the baseline on the same volume with the same seeded weights."""
+    """Ours and the baseline on the same volume with the same seeded weights, each in a fresh process."""
     checkpoint = ours.seeded_checkpoint(bundle, args.datalist, work / "models", overrides)
     network, settings = ours.build_network(bundle, checkpoint, overrides)
-    settings["num_workers"] = overrides.get("num_workers", baseline.NUM_WORKERS)
-    with machine.PeakMemory() as memory:
-        wall, sampled = ours.inference(
-            bundle, [image], work / "ours", checkpoint, args.sample_calls, overrides
-        )
-    with machine.PeakMemory() as base_memory:
-        base_wall, base_sampled = baseline.inference(
-            network, settings, [image], work / "baseline", args.sample_calls
-        )
+    spec = {"bundle": bundle, "images": [image], "checkpoint": str(checkpoint), "overrides": overrides,
+            "sample_calls": args.sample_calls}  # fmt: skip
+    mine = in_fresh_process({**spec, "side": "ours", "output_dir": str(work / "ours")})
+    base = in_fresh_process({**spec, "side": "baseline", "output_dir": str(work / "baseline")})
     flops = window_flops(network, settings["patch_size"])
-    ours_s, base_s = sampled.total_seconds(wall), base_sampled.total_seconds(base_wall)
-    rate = flops / sampled.seconds_per_window / 1e9 if sampled.seconds_per_window else None
+    rate = flops / mine["seconds_per_window"] / 1e9 if mine["seconds_per_window"] else None
+    settings["num_workers"] = overrides.get("num_workers", baseline.NUM_WORKERS)
     return {
-        "inference_s_ours": round(ours_s, 2),
-        "inference_s_baseline": round(base_s, 2),
-        "inference_speedup": ratio(base_s, ours_s),
-        "windows_ours": sampled.windows,
-        "windows_baseline": base_sampled.windows,
-        "inference_extrapolated": sampled.extrapolated or base_sampled.extrapolated,
-        "voxels_per_s_ours": round(voxels(image) / ours_s),
-        "voxels_per_s_baseline": round(voxels(image) / base_s),
+        "inference_s_ours": round(mine["seconds"], 2),
+        "inference_s_baseline": round(base["seconds"], 2),
+        "inference_speedup": ratio(base["seconds"], mine["seconds"]),
+        "windows_ours": mine["windows"],
+        "windows_baseline": base["windows"],
+        "inference_extrapolated": mine["extrapolated"] or base["extrapolated"],
+        "voxels_per_s_ours": round(voxels(image) / mine["seconds"]),
+        "voxels_per_s_baseline": round(voxels(image) / base["seconds"]),
         "forward_gflop_per_window": round(flops / 1e9, 2),
-        "forward_s_per_window": round(sampled.seconds_per_window, 3),
+        "forward_s_per_window": round(mine["seconds_per_window"], 3),
+        "forward_s_per_window_baseline": round(base["seconds_per_window"], 3),
         "forward_fraction_of_peak": round(rate / args.machine["matmul_gflops"], 3) if rate else None,
-        "peak_mem_gib": round(memory.gib, 2),
-        "peak_mem_gib_baseline": round(base_memory.gib, 2),
-        "_network": network,
+        "peak_mem_gib": round(mine["peak_mem_gib"], 2),
+        "peak_mem_gib_baseline": round(base["peak_mem_gib"], 2),
         "_settings": settings,
     }
 
@@ -102,13 +98,16 @@ def voxels(image: str) -> int:
 
 
 def training_pair(bundle: str, args: argparse.Namespace, work: Path, overrides: dict, settings: dict) -> dict:
-    """Seconds per iteration: ours (the train config's loader) and the zoo's CacheDataset + DataLoader."""
+    """Seconds per iteration: ours (the train config's loader and network placement) and the zoo's
+    CacheDataset + DataLoader feeding the same network in PyTorch's default layout."""
     patches = {"batch_size": 1, "samples_per_volume": args.train_patches}
     parts = ours.training_parts(bundle, args.train_datalist, work / "train", {**overrides, **patches})
     ours_times = training_seconds(parts, parts["loader"], args.train_iterations)
+    zoo_overrides = {**overrides, **patches, "channels_last": False}
+    zoo_parts = ours.training_parts(bundle, args.train_datalist, work / "zoo", zoo_overrides, loader=False)
     train_cases = cases(args.train_datalist, role="train")
     loader = baseline.training_loader(settings, train_cases, 1, args.train_patches)
-    base_times = training_seconds(parts, loader, args.train_iterations, ready=False)
+    base_times = training_seconds(zoo_parts, loader, args.train_iterations)
     ours_it, base_it = 1 / ours_times["with_data_s"], 1 / base_times["with_data_s"]
     return {
         "train_patches_per_iteration": args.train_patches,
@@ -116,8 +115,9 @@ def training_pair(bundle: str, args: argparse.Namespace, work: Path, overrides: 
         "train_it_s_baseline": round(base_it, 4),
         "train_speedup": ratio(ours_it, base_it),
         "train_s_ready_tensors": round(ours_times["ready_tensors_s"], 3),
+        "train_s_ready_tensors_baseline": round(base_times["ready_tensors_s"], 3),
         "data_overhead": overhead(ours_times),
-        "data_overhead_baseline": overhead({**base_times, "ready_tensors_s": ours_times["ready_tensors_s"]}),
+        "data_overhead_baseline": overhead(base_times),
     }
 
 
@@ -176,7 +176,6 @@ def bench_bundle(bundle: str, args: argparse.Namespace, image: str) -> dict[str,
     work = args.work / bundle
     row = {"bundle": bundle, **inference_pair(bundle, args, image, work, overrides)}
     settings = row.pop("_settings")
-    row.pop("_network")
     row.update(training_pair(bundle, args, work, overrides, settings))
     row.update(dice_pair(bundle, args, work, settings))
     row["bench_s"] = round(time.perf_counter() - started, 1)

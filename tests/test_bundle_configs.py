@@ -54,6 +54,11 @@ def test_every_id_resolves(bundle: str, workflow: str, phantom_datalist: Path, t
     assert engine.network is not None
     output = loaded.parser.get_parsed_content("network_def")(torch.zeros(1, 1, 32, 32, 32))
     assert output.shape == (1, 3, 32, 32, 32), "one output channel per datalist label"
+    weights = [p for p in engine.network.parameters() if p.ndim == 5]
+    channels_last = loaded.parser.get_parsed_content("channels_last")
+    assert channels_last == (bundle != "unetr"), "the layout the bench measured faster for each bundle"
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    assert weights and all(p.is_contiguous(memory_format=layout) for p in weights)
 
 
 @pytest.mark.parametrize("bundle", available_bundles())

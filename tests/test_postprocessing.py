@@ -9,7 +9,9 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, FillHolesd, Invertd, KeepLargestConnectedComponentd, Spacingd
 
 from pipeline.postprocessing import (
+    ArgMaxd,
     RemoveSmallComponentsd,
+    channel_argmax,
     class_indices,
     size_limits,
     voxel_spacing,
@@ -118,3 +120,20 @@ def test_without_an_affine_the_volume_is_refused() -> None:
     with pytest.raises(ValueError, match="voxel size"):
         RemoveSmallComponentsd("pred", min_mm3=10, label_names=LABELS)({"pred": torch.zeros(1, 4, 4, 4)})
     assert voxel_spacing(MetaTensor(np.zeros((1, 2, 2, 2)), affine=torch.eye(4))) == (1.0, 1.0, 1.0)
+
+
+def test_channel_argmax_equals_torch_argmax_ties_included() -> None:
+    scores = torch.rand(4, 9, 10, 11)
+    scores[:, 0, 0, 0] = 0.25  # a four-way tie: the lowest index wins, as in torch.argmax
+    scores[1:3, 1, 1, 1] = 2.0
+    assert torch.equal(channel_argmax(scores), torch.argmax(scores, dim=0).float())
+    assert channel_argmax(scores)[1, 1, 1] == 1
+
+
+def test_argmaxd_keeps_metadata_and_shape() -> None:
+    affine = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0], dtype=torch.float64))
+    scores = MetaTensor(torch.rand(3, 5, 6, 7), affine=affine, meta={"filename_or_obj": "case.nii.gz"})
+    label_map = ArgMaxd("pred")({"pred": scores})["pred"]
+    assert isinstance(label_map, MetaTensor) and label_map.shape == (1, 5, 6, 7)
+    assert label_map.dtype == torch.float32
+    assert torch.equal(label_map.affine, affine) and label_map.meta["filename_or_obj"] == "case.nii.gz"

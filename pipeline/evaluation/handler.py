@@ -20,13 +20,13 @@ from ignite.engine import Engine, Events
 from pipeline.data.layouts import case_name
 from pipeline.evaluation.metrics import score_case
 from pipeline.evaluation.report import CaseResult, flat_means, write_evaluation
-from pipeline.postprocessing import voxel_spacing
+from pipeline.postprocessing import channel_argmax, voxel_spacing
 
 
 def label_map(volume: torch.Tensor) -> np.ndarray:
     """A (C, ...) prediction or label as one integer label map: argmax when one-hot."""
     data = volume.detach().cpu()
-    data = torch.argmax(data, dim=0) if data.shape[0] > 1 else data[0]
+    data = channel_argmax(data) if data.shape[0] > 1 else data[0]
     return np.rint(data.numpy()).astype(np.int32)
 
 

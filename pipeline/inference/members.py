@@ -16,6 +16,7 @@ from monai.bundle import ConfigParser
 from monai.inferers import Inferer
 
 from pipeline.io.checkpoint import CheckpointError, load_checkpoint
+from pipeline.networks import to_device
 
 SHARED_SPACE = ("spacing", "modality", "labels", "preprocessing_steps")
 
@@ -45,7 +46,7 @@ def load_network(parser: ConfigParser, checkpoint: str, device: Any) -> torch.nn
         raise CheckpointError(
             f"checkpoint {checkpoint} does not fit its bundle's network ({error})"
         ) from None
-    return network.to(device).eval()
+    return to_device(network, device, parser.get_parsed_content("channels_last")).eval()
 
 
 def load_members(

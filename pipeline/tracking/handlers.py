@@ -313,10 +313,11 @@ def draw_example(example: Mapping[str, torch.Tensor], label_names: Mapping[int, 
     """Image, ground truth and prediction of one validation case (in the network's space), from memory."""
     import numpy as np
 
+    from pipeline.postprocessing import channel_argmax
     from pipeline.visualisation import save_overlay_arrays
 
     def classes(volume: torch.Tensor) -> np.ndarray:  # one-hot channels or one channel of indices
-        return np.asarray(torch.argmax(volume, dim=0) if volume.shape[0] > 1 else volume[0])
+        return np.asarray(channel_argmax(volume) if volume.shape[0] > 1 else volume[0])
 
     affine = np.asarray(getattr(example["image"], "affine", torch.eye(4)), dtype=float)
     image = np.asarray(example["image"][0], dtype=np.float32)
