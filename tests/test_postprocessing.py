@@ -10,6 +10,7 @@ from monai.transforms import Compose, FillHolesd, Invertd, KeepLargestConnectedC
 
 from pipeline.postprocessing import (
     ArgMaxd,
+    DropBackgroundd,
     RemoveSmallComponentsd,
     channel_argmax,
     class_indices,
@@ -137,3 +138,20 @@ def test_argmaxd_keeps_metadata_and_shape() -> None:
     assert isinstance(label_map, MetaTensor) and label_map.shape == (1, 5, 6, 7)
     assert label_map.dtype == torch.float32
     assert torch.equal(label_map.affine, affine) and label_map.meta["filename_or_obj"] == "case.nii.gz"
+
+
+def test_argmax_without_the_background_channel_after_resampling_back() -> None:
+    """The inference path: softmax, background dropped, Invertd's interpolation, argmax."""
+    torch.manual_seed(0)
+    affine = torch.diag(torch.tensor([0.8, 0.8, 2.5, 1.0], dtype=torch.float64))
+    image = MetaTensor(torch.rand(1, 30, 28, 12), affine=affine)
+    resample = Spacingd("image", pixdim=(1.5, 1.5, 1.5), dtype=torch.float32)
+    resampled = resample({"image": image})["image"]
+    logits = 4 * torch.randn(3, *resampled.shape[1:])
+    probabilities = MetaTensor(torch.softmax(logits, 0), meta=resampled.meta)
+    item = {"image": resampled, "full": probabilities, "fg": probabilities}
+    item = DropBackgroundd("fg")(item)
+    item = Invertd(["full", "fg"], transform=resample, orig_keys="image", nearest_interp=False)(item)
+    expected = torch.argmax(item["full"], dim=0).float()
+    assert item["fg"].shape[1:] == image.shape[1:] and item["fg"].shape[0] == 2
+    assert torch.equal(ArgMaxd("fg", background_omitted=True)(item)["fg"][0], expected)
