@@ -47,20 +47,25 @@ def timed_steps(parts: dict[str, Any], batches: Iterator[dict], iterations: int)
     return (time.perf_counter() - started) / iterations, batch
 
 
-def training_seconds(parts: dict[str, Any], loader: Any, iterations: int) -> dict[str, float]:
+def training_seconds(parts: dict[str, Any], loader: Any, seconds: float) -> dict[str, float]:
     """Seconds per iteration with the data pipeline and with one ready-made batch (nnU-Net's 'no
     data loading'): their difference is what the data pipeline costs.
 
     One batch is fetched before timing (the workers start, the cache fills) and trains one untimed
-    step (allocations, kernel choice).
+    step (allocations, kernel choice), whose time sets how many iterations fill about ``seconds``
+    (at least one, at most the rest of the epoch): a fast network is timed over several
+    iterations, a slow one over one.
     """
     batches = iter(loader)
     first = first_item(next(batches))
+    started = time.perf_counter()
     train_step(parts, torch.as_tensor(first["image"]), torch.as_tensor(first["label"]))
+    iterations = max(1, round(seconds / (time.perf_counter() - started)))
+    iterations = min(iterations, max(1, len(loader) - 1))  # within one epoch: no worker restart timed
     with_data, batch = timed_steps(parts, batches, iterations)
     images, labels = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"])
     ready_s = timed_steps(parts, iter(lambda: {"image": images, "label": labels}, None), iterations)[0]
-    return {"with_data_s": with_data, "ready_tensors_s": ready_s}
+    return {"with_data_s": with_data, "ready_tensors_s": ready_s, "iterations": iterations}
 
 
 def dice(prediction: Path, label: Path, num_classes: int) -> float:
