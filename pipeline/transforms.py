@@ -81,7 +81,8 @@ def axis_aligned_plan(image: Any, record: Mapping) -> tuple | None:
     index j to the input index ``scale * j + offset`` per axis; ``None`` when it does not."""
     info = record[TraceKeys.EXTRA_INFO]
     linear = info["mode"] == "bilinear" and info["padding_mode"] in ("border", "zeros")
-    if not (isinstance(image, MetaTensor) and linear and info["align_corners"] in (False, TraceKeys.NONE)):
+    volume = isinstance(image, MetaTensor) and image.ndim == 4  # (C, X, Y, Z)
+    if not (volume and linear and info["align_corners"] in (False, TraceKeys.NONE)):
         return None
     source = to_affine_nd(3, image.affine).to(torch.float64).cpu()
     target = torch.as_tensor(info["src_affine"], dtype=torch.float64).cpu()
