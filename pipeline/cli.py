@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.compare import add_compare_command
+from pipeline.compare import JobFailed, add_compare_command
 from pipeline.data.build import add_datalist_command
 from pipeline.data.check import add_check_command
 from pipeline.export import add_export_command
@@ -20,6 +20,7 @@ from pipeline.inference.batch import CaseFailures
 from pipeline.io.atomic import DiskFullError
 from pipeline.io.checkpoint import CheckpointError
 from pipeline.io.dicom import add_dicom2nifti_command
+from pipeline.planning.plan import add_plan_command
 from pipeline.tracking.store import TrackingUnavailable
 from pipeline.training.interrupt import TrainingInterrupted
 from pipeline.visualisation.commands import add_overlay_commands
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dicom2nifti_command(commands)
     add_export_command(commands)
     add_compare_command(commands)
+    add_plan_command(commands)
 
     add_overlay_commands(commands)
 
@@ -283,7 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DiskFullError as error:
         print(f"medseg: error: {error}; the previous file, if any, is intact", file=sys.stderr)
         return 2
-    except subprocess.CalledProcessError as error:
+    except JobFailed as error:  # a step of `medseg compare` outside the per-bundle handling
+        print(f"medseg: error: {error}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as error:  # torchrun, the only other child process medseg waits on
         print(f"medseg: error: the distributed run exited with {error.returncode}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -9,11 +9,14 @@ MLflow: one parent run for the comparison; each bundle's training run (per fold)
 carries the held-out metrics, and that bundle's evaluation runs are nested under it.
 
 What is done is recorded in ``compare.json`` in the output folder as it happens: rerunning the same
-command resumes and never trains a finished bundle again.
+command resumes and never trains a finished bundle again. The record holds the settings its results
+were made under (budget, folds, datalist, overrides); a rerun with other settings is refused rather
+than ranking old results under the new budget's title.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -29,6 +32,17 @@ from pipeline.io.atomic import atomic_write
 DEFAULT_BUNDLES = ("unet3d", "resunet", "attention_unet", "unetr", "multiresunet")
 STATE_FILE = "compare.json"
 PARENT_TAG = "mlflow.parentRunId"  # what makes MLflow's UI nest a run under another
+# Overrides that name where results are recorded, not how they are made: a resume may change them.
+UNRECORDED_OVERRIDES = ("run_name", "tracking_uri", "experiment_name", "tracking_required")
+BUDGET_KEYS = ("epochs", "minutes", "folds")
+
+
+class JobFailed(RuntimeError):
+    """A compare job's child process exited non-zero; names the job, so the CLI can say which."""
+
+    def __init__(self, job: str, returncode: int) -> None:
+        super().__init__(f"compare job {job} exited with {returncode}")
+        self.job, self.returncode = job, returncode
 
 
 @dataclass
@@ -61,6 +75,38 @@ class Comparison:
     def job_dir(self, bundle: str, fold: int) -> Path:
         return self.output_dir / bundle / f"fold{fold}"
 
+    def settings(self) -> dict[str, Any]:
+        """What the recorded results depend on; ``tta``, ``ensemble`` and the bundle list only add rows.
+        The datalist and the overrides are digests: compare.json is an MLflow artifact, and they may
+        hold paths."""
+        overrides = {k: v for k, v in self.overrides.items() if k not in UNRECORDED_OVERRIDES}
+        return {
+            "epochs": self.epochs,
+            "minutes": self.minutes,
+            "folds": self.folds,
+            "datalist": _digest(self.datalist.read_bytes()),
+            "overrides": _digest(json.dumps(overrides, sort_keys=True, default=str).encode()),
+        }
+
+    def require_same_settings(self) -> None:
+        """Resume only under the settings the recorded results were made with."""
+        current, recorded = self.settings(), self.state.get("settings")
+        if recorded is None and not self.state.get("jobs"):
+            self.state["settings"] = current
+            return
+        recorded = recorded or {}  # results of an older medseg, which did not record its settings
+        changed = [key for key in current if recorded.get(key) != current[key]]
+        if changed:
+            was = [f"{k} {recorded[k]}" if k in BUDGET_KEYS and k in recorded else k for k in changed]
+            raise ValueError(
+                f"{self.state_path} holds results made under other settings ({', '.join(was)}); rerun with "
+                "those settings to resume, or give another --output for a new comparison"
+            )
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
 
 @dataclass(frozen=True)
 class Measured:
@@ -70,14 +116,14 @@ class Measured:
     peak_gib: float
 
 
-def run_measured(command: Sequence[str]) -> Measured:
+def run_measured(command: Sequence[str], job: str) -> Measured:
     """Run a command; its own peak RSS comes from ``wait4`` (ru_maxrss is in KiB on Linux)."""
     started = time.perf_counter()
     process = subprocess.Popen(list(command))
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
-        raise subprocess.CalledProcessError(process.returncode, list(command))
+        raise JobFailed(job, process.returncode)
     return Measured(time.perf_counter() - started, usage.ru_maxrss / 2**20)
 
 
@@ -88,9 +134,9 @@ def run_job(comparison: Comparison, key: str, function: str, **kwargs: Any) -> d
     if key in jobs:
         return jobs[key]
     spec = comparison.output_dir / "jobs" / f"{key.replace('/', '_')}.json"
-    spec.parent.mkdir(parents=True, exist_ok=True)
-    spec.write_text(json.dumps({"function": function, "kwargs": kwargs}, default=str, indent=2))
-    measured = run_measured([sys.executable, "-m", "pipeline.compare", str(spec)])
+    with atomic_write(spec) as handle:
+        handle.write(json.dumps({"function": function, "kwargs": kwargs}, default=str, indent=2).encode())
+    measured = run_measured([sys.executable, "-m", "pipeline.compare", str(spec)], key)
     jobs[key] = {"seconds": measured.seconds, "peak_gib": measured.peak_gib}
     comparison.save_state()
     return jobs[key]
@@ -222,7 +268,9 @@ def parameter_count(checkpoint: Path) -> int:
     """Counted from the trained weights, so it is the network as trained (user overrides included)."""
     import torch
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    from pipeline.io.checkpoint import network_weights
+
+    state = network_weights(torch.load(checkpoint, map_location="cpu", weights_only=True))
     return int(sum(tensor.numel() for tensor in state.values()))
 
 
@@ -235,8 +283,22 @@ def epochs_trained(models: Path) -> int:
     return int(trainer["iteration"]) // max(1, int(trainer["epoch_length"]))
 
 
+def failure_note(error: Exception) -> str:
+    """A leaderboard cell for a failed step: no message text, which may hold paths (it is an artifact)."""
+    if isinstance(error, JobFailed):
+        return f"{error.job.rpartition('/')[2]} exited with {error.returncode}"
+    return f"failed ({type(error).__name__})"
+
+
+def report_failure(what: str, error: Exception) -> None:
+    print(f"medseg compare: {what} failed ({error}); going on", file=sys.stderr)
+
+
 def race_fold(comparison: Comparison, fold: int, client: Any, board: dict[str, Any]) -> None:
-    """Train and score every bundle on one fold; a bundle that fails is reported, not fatal."""
+    """Train and score every bundle on one fold; a bundle that fails is reported, not fatal.
+
+    Any error of one bundle's steps (its processes, the MLflow look-up of its run, reading its
+    results) is caught: after hours of racing, the other rows must still reach the leaderboard."""
     from pipeline.evaluation.leaderboard import Entry, case_means
     from pipeline.tracking.runs import find_run_id
 
@@ -256,11 +318,9 @@ def race_fold(comparison: Comparison, fold: int, client: Any, board: dict[str, A
                 entry.parameters = parameter_count(models / "model.pt")
                 entry.epochs.append(epochs_trained(models))
             log_held_out(client, train_run, board[bundle].per_fold[-1])
-        except subprocess.CalledProcessError as error:
-            board.setdefault(bundle, Entry(bundle)).failure = f"exit status {error.returncode}"
-            print(
-                f"medseg compare: {bundle} fold {fold} failed ({error.returncode}); going on", file=sys.stderr
-            )
+        except Exception as error:  # recorded in the bundle's row, see the docstring
+            board.setdefault(bundle, Entry(bundle)).failure = failure_note(error)
+            report_failure(f"{bundle} fold {fold}", error)
 
 
 def log_held_out(client: Any, run_id: str, means: Mapping[str, float]) -> None:
@@ -281,11 +341,16 @@ def add_ensemble(comparison: Comparison, board: dict[str, Any]) -> None:
         return
     members = [plain[0].name, plain[1].name]
     entry = Entry(f"ensemble {' + '.join(members)}")
-    for fold in range(comparison.folds):
-        output, measured = ensemble_bundles(comparison, members, fold)
-        entry.add_fold(case_means(output), None, measured)
-    entry.parameters = sum(plain[i].parameters or 0 for i in range(2))
     board[entry.name] = entry
+    try:
+        for fold in range(comparison.folds):
+            output, measured = ensemble_bundles(comparison, members, fold)
+            entry.add_fold(case_means(output), None, measured)
+    except Exception as error:  # the trained rows must still reach the leaderboard
+        entry.failure = failure_note(error)
+        report_failure(entry.name, error)
+        return
+    entry.parameters = sum(plain[i].parameters or 0 for i in range(2))
 
 
 def compare(
@@ -317,9 +382,12 @@ def compare(
         Path(datalist).resolve(), Path(output_dir).resolve(), tuple(bundles), epochs, minutes, folds,
         dict(overrides or {}), tta, ensemble,
     )  # fmt: skip
-    require_valid_data(comparison.datalist, ("train", "validation", "test"), comparison.overrides)
+    split = held_out_split(comparison.datalist, folds)
+    roles = ("train", "validation", "test") if split == "test" else ("train", "validation")
+    require_valid_data(comparison.datalist, roles, comparison.overrides)
     comparison.output_dir.mkdir(parents=True, exist_ok=True)
     comparison.load_state()
+    comparison.require_same_settings()
     client = MlflowClient(comparison.overrides.get("tracking_uri") or default_tracking_uri())
     experiment = comparison.overrides.get("experiment_name") or dataset_name(comparison.datalist)
     comparison.overrides.setdefault("experiment_name", experiment)
@@ -330,7 +398,7 @@ def compare(
     if ensemble:
         add_ensemble(comparison, board)
     markdown, html = write_leaderboard(
-        list(board.values()), comparison.output_dir, describe_budget(comparison)
+        list(board.values()), comparison.output_dir, describe_budget(comparison, split)
     )
     for path in (markdown, html, comparison.state_path):
         client.log_artifact(parent, str(path))
@@ -339,10 +407,15 @@ def compare(
     return markdown
 
 
-def describe_budget(comparison: Comparison) -> str:
+def describe_budget(comparison: Comparison, split: str) -> str:
     parts = [f"{comparison.epochs} epochs" if comparison.epochs else ""]
     parts.append(f"{comparison.minutes:g} min per bundle" if comparison.minutes else "")
-    folds = f"{comparison.folds}-fold cross-validation" if comparison.folds > 1 else "held-out cases"
+    if comparison.folds > 1:
+        folds = f"{comparison.folds}-fold cross-validation"
+    elif split == "test":
+        folds = "the labelled test cases"
+    else:
+        folds = "the validation cases of fold 0 (the datalist has no labelled test cases)"
     seed = comparison.overrides.get("seed", 0)
     return f"budget: {', '.join(p for p in parts if p)}; scored on {folds}; seed {seed}"
 

@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
-from pipeline.io.checkpoint import CheckpointError, load_checkpoint
+from pipeline.data.datalist import save_dataset_info
+from pipeline.io.checkpoint import (
+    CheckpointError,
+    dataset_facts,
+    load_checkpoint,
+    network_weights,
+    save_atomic,
+)
 
 # Workflows shipped as overrides on another workflow's config, as the model zoo ships multi-GPU training.
 OVERLAYS = {"multi_gpu_train": "train"}
@@ -62,7 +69,7 @@ def export_bundle(name: str, out_dir: str | Path, checkpoint: str | Path | None 
         _write_docs(name, metadata["version"], staging / "docs")
         if checkpoint is not None:
             _copy_weights(Path(checkpoint), staging / "models")
-        check_portable(staging / "configs")
+        check_portable(staging / "configs", name)
         if target.is_dir():
             target.rmdir()  # empty, checked above; rename will not replace a folder everywhere
         staging.rename(target)
@@ -75,6 +82,7 @@ def export_bundle(name: str, out_dir: str | Path, checkpoint: str | Path | None 
 def _require_state_dict(checkpoint: str | Path) -> None:
     """Ship only a bare state dict, as the model zoo does; ``latest.pt`` also holds optimiser state."""
     state = load_checkpoint(checkpoint)  # CheckpointError naming the file when it cannot be read
+    state = state if "trainer" in state else network_weights(state)  # model.pt: its network
     if not state or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise CheckpointError(
             f"checkpoint {checkpoint} is not a state dict of tensors (a full training state?); "
@@ -159,14 +167,45 @@ def _strings(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else []
 
 
-def check_portable(configs: Path) -> None:
-    """The export must run on another machine without this repository; refuse any path leading back."""
+def _code(value: Any) -> set[str]:
+    """What a config runs: its ``$`` expressions (imports included) and its ``_target_`` names."""
+    if isinstance(value, dict):  # a model.yaml sets targets by id too: ``network_def::_target_: BasicUNet``
+        targets = {item for key, item in value.items() if re.fullmatch(r"(.*(::|#))?_target_", key)}
+        found = {item for item in targets if isinstance(item, str)}
+        return found.union(*(_code(item) for item in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_code(item) for item in value))
+    return {value} if isinstance(value, str) and value.startswith("$") else set()
+
+
+def shipped_code(bundle: str | None = None) -> set[str]:
+    """The code of the repository's own config files: the shared ones and the bundle's (every bundle's
+    when None). An export merges these files and writes nothing else, so it runs nothing else."""
+    from monai.bundle import ConfigParser
+
+    from pipeline.workflows import BUNDLES_DIR, COMMON_DIR, bundle_dir
+
+    folders = [COMMON_DIR, *([bundle_dir(bundle) / "configs"] if bundle else BUNDLES_DIR.glob("*/configs"))]
+    files = [
+        path for folder in folders for path in sorted(folder.glob("*")) if path.suffix in {".yaml", ".json"}
+    ]
+    return set().union(*(_code(ConfigParser.load_config_file(path)) for path in files))
+
+
+def check_portable(configs: Path, bundle: str | None = None) -> None:
+    """The export must run on another machine without this repository, and run only what the project
+    wrote: refuse any path leading back, and any expression or ``_target_`` that is not, verbatim, in
+    the bundle's own config files. A deny-list of dangerous calls (``__import__``, ``os.system``, ...)
+    would miss the next one (``torch.hub.load``, ``numpy.load``); an allow-list of the shipped code
+    cannot be talked round by spelling."""
     from pipeline.workflows import PROJECT_ROOT
 
+    allowed = shipped_code(bundle)
     for path in sorted(configs.glob("*.json")):
+        config = json.loads(path.read_text())
         bad = [
             text
-            for text in _strings(json.loads(path.read_text()))
+            for text in _strings(config)
             if str(PROJECT_ROOT) in text
             or re.search(r"bundles[/\\]common", text)
             or ABSOLUTE.search(text)
@@ -174,6 +213,11 @@ def check_portable(configs: Path) -> None:
         ]
         if bad:
             raise ValueError(f"{path.name} refers outside the exported bundle: {', '.join(bad[:3])}")
+        foreign = sorted(_code(config) - allowed)
+        if foreign:
+            raise ValueError(
+                f"{path.name} runs code that is in none of the bundle's own configs: {', '.join(foreign[:3])}"
+            )
 
 
 def _replacements() -> dict[tuple[str, ...], str]:
@@ -226,12 +270,19 @@ def _write_docs(name: str, version: str, folder: Path) -> None:
 def _copy_weights(checkpoint: Path, models: Path) -> None:
     """The weights, and the dataset facts inference reads beside them (labels, channels, modality)."""
     models.mkdir(parents=True)
-    shutil.copyfile(checkpoint, models / "model.pt")
-    info = checkpoint.with_name("dataset.json")
-    if info.is_file():
-        shutil.copyfile(info, models / "dataset.json")
-    else:
-        warnings.warn(f"no {info}: the exported inference will need models/dataset.json", stacklevel=3)
+    state = load_checkpoint(checkpoint)
+    if network_weights(state) is state:  # a bare state dict already: shipped as it is
+        shutil.copyfile(checkpoint, models / "model.pt")
+    else:  # a self-describing model.pt: the zoo expects the bare state dict, the facts go beside it
+        save_atomic(dict(network_weights(state)), models / "model.pt")
+    try:
+        save_dataset_info(dataset_facts(checkpoint), models)
+    except CheckpointError:
+        warnings.warn(
+            f"no dataset facts in or beside {checkpoint}: the exported inference will need "
+            "models/dataset.json",
+            stacklevel=3,
+        )
 
 
 def add_export_command(commands: argparse._SubParsersAction) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import monai.transforms
@@ -20,14 +21,23 @@ def normalise_intensity(
     modality: str,
     ct_window: Sequence[float] = (-175.0, 250.0),
     allow_missing_keys: bool = False,
+    ct_clip: Sequence | None = None,
+    ct_mean: float | Sequence[float] | None = None,
+    ct_std: float | Sequence[float] | None = None,
+    zscore_nonzero: bool = True,
 ) -> MapTransform:
     """Intensity normalisation chosen by modality, as nnU-Net does.
 
-    CT intensities are calibrated (HU), so a fixed window clipped and scaled to [0, 1] keeps
-    their meaning across scanners; air lands exactly on 0, which the foreground crop relies on.
-    MRI intensities are arbitrary, so each volume is z-scored over its non-zero voxels,
-    leaving the zero background at zero.
+    CT intensities are calibrated (HU), so fixed figures keep their meaning across scanners: with a
+    plan (``ct_clip``, ``ct_mean``, ``ct_std``, from the training foreground, per channel or one for
+    all) each channel is clipped and z-scored with them; without one, the fixed ``ct_window`` is
+    clipped and scaled to [0, 1]. MRI intensities are arbitrary, so each volume is z-scored per
+    channel, over its non-zero voxels when ``zscore_nonzero`` (the zero background stays zero).
     """
+    if modality.upper() in CT_MODALITIES and ct_clip is not None:
+        if ct_mean is None or ct_std is None:
+            raise ValueError("ct_clip needs ct_mean and ct_std (the plan writes all three)")
+        return ClipZScored(keys, ct_clip, ct_mean, ct_std, allow_missing_keys=allow_missing_keys)
     if modality.upper() in CT_MODALITIES:
         low, high = ct_window
         return ScaleIntensityRanged(
@@ -39,12 +49,83 @@ def normalise_intensity(
             clip=True,
             allow_missing_keys=allow_missing_keys,
         )
-    return NormalizeIntensityd(keys, nonzero=True, channel_wise=True, allow_missing_keys=allow_missing_keys)
+    return NormalizeIntensityd(
+        keys, nonzero=zscore_nonzero, channel_wise=True, allow_missing_keys=allow_missing_keys
+    )
+
+
+class ClipZScored(MapTransform):
+    """Clip each channel to ``[low, high]``, then ``(x - mean) / std``: the training set's figures,
+    the same at inference. Scalars apply to every channel; lists give one value (pair) per channel."""
+
+    def __init__(
+        self,
+        keys: Sequence[str] | str,
+        clip: Sequence,
+        mean: float | Sequence[float],
+        std: float | Sequence[float],
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        pairs = torch.as_tensor(clip, dtype=torch.float32).reshape(-1, 2)
+        self.low, self.high = pairs[:, 0], pairs[:, 1]
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if bool((self.std <= 0).any()) or bool((self.low > self.high).any()):
+            raise ValueError(f"CT normalisation needs std > 0 and low <= high, not clip {clip}, std {std}")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        result = dict(data)
+        for key in self.key_iterator(result):
+            image = result[key]
+            channels = image.shape[0]
+            if any(len(v) not in (1, channels) for v in (self.low, self.mean, self.std)):
+                raise ValueError(
+                    f"CT normalisation has figures for {len(self.mean)} channels, image has {channels}"
+                )
+            view = (-1,) + (1,) * (image.ndim - 1)
+            low, high, mean, std = (
+                v.to(image.device).view(view) for v in (self.low, self.high, self.mean, self.std)
+            )
+            values = torch.maximum(torch.minimum(torch.as_tensor(image, dtype=torch.float32), high), low)
+            out = (values - mean) / std
+            result[key] = (
+                MetaTensor(out, meta=image.meta, applied_operations=image.applied_operations)
+                if (isinstance(image, MetaTensor))
+                else out
+            )
+        return result
 
 
 def is_nonzero(image: torch.Tensor) -> torch.Tensor:
-    """Foreground for cropping after normalisation: anything that is not background zero."""
+    """Foreground for cropping: anything that is not background zero (MRI before or after its
+    z-score, which keeps the zero background at zero)."""
     return image != 0
+
+
+def is_above(image: torch.Tensor, threshold: float) -> torch.Tensor:
+    return image > threshold
+
+
+def foreground_selector(
+    modality: str, ct_window: Sequence[float] = (-175.0, 250.0), ct_clip: Sequence | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What ``CropForegroundd`` keeps, on the image before its normalisation: for CT the voxels above
+    the floor the normalisation flattens everything below to (the plan's lower clip, else the
+    window's), for anything else the non-zero voxels.
+
+    Why before the normalisation: a z-score moves the flattened background off zero, so a crop after
+    it would keep the whole volume. Without a plan this keeps exactly the old crop (window-scaled CT
+    is non-zero where HU > window low; MRI's z-score keeps zeros at zero).
+    """
+    if modality.upper() not in CT_MODALITIES:
+        return is_nonzero
+    floor = (
+        float(torch.as_tensor(ct_clip, dtype=torch.float32).reshape(-1, 2)[:, 0].min())
+        if ct_clip
+        else ct_window[0]
+    )
+    return partial(is_above, threshold=float(floor))
 
 
 class Spacingd(monai.transforms.Spacingd):

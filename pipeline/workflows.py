@@ -8,6 +8,7 @@ the order, and the bundles' docs give the same lists for plain ``python -m monai
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,7 +19,6 @@ from typing import Any
 from monai.bundle import ConfigParser
 from monai.bundle import run as run_bundle_config
 
-from pipeline.data.datalist import image_cases
 from pipeline.inference.batch import CaseFailures, Failure, cases_to_segment
 from pipeline.io.atomic import DiskFullError
 from pipeline.io.checkpoint import CheckpointError, load_checkpoint, load_weights, network_weights
@@ -67,18 +67,18 @@ def require_valid_data(datalist: str | Path, roles: tuple[str, ...], overrides: 
     require_valid(datalist, overrides.get("dataset_dir"), roles, val_fold=int(overrides.get("val_fold", 0)))
 
 
-def usable_inputs(inputs: Sequence[str | Path]) -> tuple[list[str], list[Failure]]:
-    """The inputs that pass the image checks, and the refused ones, each logged with its reason once."""
+def usable_inputs(cases: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[Failure]]:
+    """The cases that pass the image checks, and the refused ones, each logged with its reason once."""
     from pipeline.data.check import check_image
 
     usable, refused = [], []
-    for case in image_cases([str(p) for p in inputs]):
+    for case in cases:
         errors = [f for f in check_image(case["image"]) if f.severity == "error"]
         if errors:
             logger.error("skipping %s", errors[0])
             refused.append(Failure(str(case["image"]), errors[0].problem))
         else:
-            usable.append(case["image"])
+            usable.append(case)
     return usable, refused
 
 
@@ -177,8 +177,9 @@ def run_workflow(
 
 
 def command_line_value(value: Any) -> str:
-    """A value as ``monai.bundle run``'s command line (python-fire) reads it back."""
-    return value if isinstance(value, str) else repr(value)
+    """A value as ``monai.bundle run``'s command line (python-fire) reads it back: a Python literal.
+    A string is quoted too, or python-fire would read ``2024`` as an int and ``exp,1`` as a tuple."""
+    return repr(os.fspath(value) if isinstance(value, os.PathLike) else value)
 
 
 def launch_distributed(name: str, nproc: int, overrides: Mapping[str, Any], tracking: bool = True) -> None:
@@ -254,19 +255,22 @@ def infer(
     """Segment the inputs into ``<output_dir>/<case>_seg.nii.gz``; returns ``output_dir``.
 
     Cases already segmented there are skipped unless ``overwrite``. A case that cannot be
-    segmented is skipped and the others go on; ``CaseFailures`` then lists every failure.
+    segmented is skipped and the others go on; ``CaseFailures`` then lists every failure. Each
+    case's name is unique within all ``inputs`` (``cases_to_segment``), decided before any work.
     """
     overrides = dict(overrides or {})
     overwrite = bool(overwrite or overrides.pop("overwrite", False))  # the flag, or the config key
     output_dir = Path(output_dir).resolve()
     postfix = workflow_setting(name, "inference", "output_postfix", overrides)
-    pending = [case["image"] for case in cases_to_segment(inputs, output_dir, postfix, overwrite)]
+    dicom_seg = bool(workflow_setting(name, "inference", "dicom_seg", overrides))
+    pending = cases_to_segment(inputs, output_dir, postfix, overwrite, dicom_seg)
     if not pending:
         return output_dir
     require_fitting_checkpoint(name, checkpoint, overrides)
     usable, refused = usable_inputs(pending)
     settings = {
-        "input": [absolute(p) for p in usable],
+        "input": [absolute(case["image"]) for case in usable],
+        "case_names": [case["case_name"] for case in usable],  # the whole batch's names, not the rest's
         "output_dir": str(output_dir),
         "checkpoint": str(Path(checkpoint).resolve()),
         "overwrite": overwrite,

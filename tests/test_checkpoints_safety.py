@@ -7,10 +7,14 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
 from pathlib import Path
 
 import nibabel as nib
@@ -19,6 +23,7 @@ import pytest
 import torch
 from conftest import tiny
 from model_factory import network, untrained_model
+from test_tracking_server import free_port
 from test_training_handlers import build_trainer
 
 from pipeline.cli import main
@@ -48,7 +53,9 @@ def unreadable(folder: Path) -> dict[str, Path]:
 
 def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path: Path) -> None:
     for path in unreadable(tmp_path).values():
-        with pytest.raises(CheckpointError, match=rf"checkpoint {re.escape(str(path))} cannot be read"):
+        with pytest.raises(
+            CheckpointError, match=rf"checkpoint {re.escape(str(path))} is truncated or not a checkpoint"
+        ):
             load_checkpoint(path)
 
 
@@ -221,6 +228,25 @@ def test_an_export_that_would_run_code_from_outside_is_refused(value: str, tmp_p
         check_portable(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"network_def": "$__import__('os').system('touch pwned')"},
+        {"imports": ["$import subprocess"]},
+        {"network_def": {"_target_": "subprocess.run", "args": ["touch", "pwned"]}},
+        {"network_def": "$torch.hub.load('someone/repo', 'model')"},
+    ],
+)
+def test_an_export_runs_only_code_its_bundle_ships(config: dict, tmp_path: Path) -> None:
+    """No path in these: only the rule that exported code is the bundle's own code refuses them."""
+    (tmp_path / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"inference\.json runs code that is in none of the bundle's own"):
+        check_portable(tmp_path, "unet3d")
+    shipped = {"ckpt_dir": "$@bundle_root + '/models'", "network_def": {"_target_": "BasicUNet"}}
+    (tmp_path / "inference.json").write_text(json.dumps(shipped))
+    check_portable(tmp_path, "unet3d")
+
+
 def test_mlflow_ui_serves_only_this_machine_unless_asked() -> None:
     def command(*extra: str) -> str:
         dry = subprocess.run(
@@ -232,3 +258,40 @@ def test_mlflow_ui_serves_only_this_machine_unless_asked() -> None:
         pytest.skip("no make")
     assert "--host 127.0.0.1 " in command()
     assert "--host 0.0.0.0 " in command("MLFLOW_HOST=0.0.0.0")
+
+
+def test_make_mlflow_ui_serves_the_ui_on_localhost(tmp_path: Path) -> None:
+    """The very command ``make mlflow-ui`` runs, on a free port and against a store in tmp_path."""
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    port = free_port()
+    dry = subprocess.run(
+        ["make", "-n", "mlflow-ui", f"MLFLOW_PORT={port}"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    (line,) = [line for line in dry.stdout.replace("\\\n", " ").splitlines() if "mlflow ui " in line]
+    command = shlex.split(line.replace(str(PROJECT_ROOT / "mlflow"), str(tmp_path)))
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    server = subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        page = fetch_when_up(f"http://127.0.0.1:{port}/", server)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+    assert "mlflow" in page.lower() and (tmp_path / "mlruns.db").is_file()
+
+
+def fetch_when_up(url: str, server: subprocess.Popen, seconds: float = 180) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.read().decode(errors="replace")
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer (server exit code {server.poll()})")

@@ -89,3 +89,54 @@ def test_a_budget_is_required(phantom_datalist: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="budget"):
         compare(phantom_datalist, tmp_path, BUNDLES)
     assert main(["compare", "--data", str(phantom_datalist), "--bundles", "nonet", "--epochs", "1"]) == 2
+
+
+def without_test_cases(datalist: Path, folder: Path) -> Path:
+    """The phantom datalist with its test list dropped, case paths made absolute."""
+    content = json.loads(datalist.read_text())
+    del content["test"]
+    for case in content["training"]:
+        case.update({key: str(datalist.parent / case[key]) for key in ("image", "label")})
+    path = folder / "no_test.json"
+    path.write_text(json.dumps(content))
+    return path
+
+
+@pytest.mark.long  # a real race: a minute or more on a shared CPU
+def test_without_test_cases_it_scores_the_validation_fold_and_a_resume_keeps_its_settings(
+    phantom_datalist: Path, tmp_path: Path
+) -> None:
+    datalist = without_test_cases(phantom_datalist, tmp_path)
+    overrides = {**SMALL_INPUTS, **TINY_NETWORKS["resunet"], "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}
+    race = tmp_path / "race"
+    board = compare(datalist, race, ["resunet"], epochs=1, overrides=overrides, tta=False, ensemble=False)
+    text = board.read_text()
+    assert "scored on the validation cases of fold 0 (the datalist has no labelled test cases)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 1 | resunet |"))
+    assert 0.0 <= float(row.split(" | ")[2]) <= 1.0
+    assert "/" not in json.loads((race / STATE_FILE).read_text())["settings"]["datalist"], (
+        "a digest, not a path"
+    )
+    with pytest.raises(ValueError, match=r"other settings \(epochs 1\).*another --output"):
+        compare(datalist, race, ["resunet"], epochs=2, overrides=overrides, tta=False, ensemble=False)
+    with pytest.raises(ValueError, match=r"other settings \(overrides\)"):
+        compare(datalist, race, ["resunet"], epochs=1, overrides={**overrides, "learning_rate": 0.1})
+
+
+def test_a_failing_job_is_named_and_a_failed_ensemble_is_a_row_not_a_lost_leaderboard(
+    phantom_datalist: Path, tmp_path: Path
+) -> None:
+    from pipeline.compare import Comparison, JobFailed, add_ensemble, run_job
+    from pipeline.evaluation.leaderboard import Entry, write_leaderboard
+
+    comparison = Comparison(phantom_datalist, tmp_path, ("resunet", "attention_unet"), epochs=1)
+    with pytest.raises(JobFailed, match="compare job resunet/fold0/train exited with 1"):
+        run_job(comparison, "resunet/fold0/train", "no_such_workflow")
+    board = {}
+    for name, dice in (("resunet", 0.8), ("attention_unet", 0.7)):
+        board[name] = Entry(name)
+        board[name].add_fold({"dice_mean": dice, "cases": 1.0}, None, {"seconds": 1.0, "peak_gib": 0.1})
+    add_ensemble(comparison, board)  # neither was trained: no checkpoints for the ensemble's process
+    assert board["ensemble resunet + attention_unet"].failure == "infer exited with 1"
+    markdown, _ = write_leaderboard(list(board.values()), tmp_path, "budget")
+    assert "| 3 | ensemble resunet + attention_unet |" in markdown.read_text()

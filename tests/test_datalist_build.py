@@ -289,3 +289,41 @@ def test_dicom_errors_name_the_series_folder(tmp_path: Path) -> None:
 def test_paths_on_another_drive_are_refused() -> None:
     with pytest.raises(ValueError, match="not on the drive"):
         relative(PureWindowsPath("D:/data/a.nii.gz"), PureWindowsPath("C:/lists"))
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "message"),
+    [
+        ((0, 2_000_000_000), np.int32, r"values from 0 to 2000000000; class indices are 0 to at most 65535"),
+        (
+            (0, 255),
+            np.uint8,
+            r"case0.nii.gz holds the value 255, .* only 0, 1, 2, 3, 255: .* 256 classes, 251 of",
+        ),
+        ((-1, 1), np.int16, r"values from -1 to 1"),
+        ((0, 1.5), np.float32, r"non-integer values"),
+    ],
+)
+def test_a_label_file_that_holds_no_class_indices_is_refused_by_name(
+    values: tuple, dtype: type, message: str, tmp_path: Path
+) -> None:
+    """An int32 value of 2e9 once cost a 16 GB bincount; a 0/255 mask silently made 256 classes."""
+    root = write_folders(tmp_path / "f")
+    label = np.zeros(SHAPE, dtype)
+    label[1], label[2] = values
+    write_nifti(root / "labels" / "case0.nii.gz", label)
+    with pytest.raises(ValueError, match=message):
+        build_datalist(root, tmp_path / "d.json")
+
+
+def test_an_intensity_image_in_labels_is_refused_and_gapped_indices_are_kept(tmp_path: Path) -> None:
+    root = write_folders(tmp_path / "f")
+    image = np.arange(12**3, dtype=np.int16).reshape(12, 12, 12) % 1500  # an image, not a label
+    write_nifti(root / "labels" / "case0.nii.gz", image)
+    with pytest.raises(ValueError, match=r"case0.nii.gz holds 1500 distinct values; is it an image"):
+        build_datalist(root, tmp_path / "d.json")
+    brats = np.zeros(SHAPE, np.uint8)
+    brats[1], brats[2], brats[3] = 1, 2, 4  # BraTS: 0, 1, 2, 4; class 3 unused is still a plausible table
+    write_nifti(root / "labels" / "case0.nii.gz", brats)
+    out = build_datalist(root, tmp_path / "d.json")
+    assert list(datalist.label_names(out)) == [0, 1, 2, 3, 4]

@@ -335,3 +335,37 @@ def test_an_invalid_pixel_spacing_is_named_not_defaulted(tmp_path: Path, spacing
     broken.save_as(files[1])
     with pytest.raises(SeriesGeometryError, match=re.escape(str(files[1])) + ".*PixelSpacing"):
         read_series(tmp_path)
+
+
+def test_a_multi_frame_file_counts_its_frames_in_the_size_guard(tmp_path: Path) -> None:
+    """Two files of 16x12 pixels are tiny, but they declare 10**7 frames each: 15 GiB as float32."""
+    for path in write_series(tmp_path / "enhanced", stored_volume()[:, :, :2], shuffle=False):
+        header = pydicom.dcmread(path)
+        header.NumberOfFrames = 10**7
+        header.save_as(path)
+    with pytest.raises(DicomReadError, match=r"16x12x20000000 voxels .* over the memory budget"):
+        read_series(tmp_path / "enhanced")
+
+
+def test_dicom2nifti_reports_an_unreadable_file_converts_the_rest_and_keeps_outputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sources = write_tree(tmp_path / "export")
+    damaged = sources["CT"] / "damaged.dcm"
+    damaged.write_bytes(next(sources["MR"].glob("*")).read_bytes()[:300])  # DICM magic, then cut off
+    parser = argparse.ArgumentParser()
+    add_dicom2nifti_command(parser.add_subparsers())
+    args = parser.parse_args(["dicom2nifti", str(tmp_path / "export"), str(tmp_path / "out")])
+    assert args.func(args) == 1
+    printed, errors = capsys.readouterr()
+    assert sorted(Path(line).name[:2] for line in printed.split()) == ["CT", "MR"], "the others converted"
+    assert "1 DICOM file(s) or series could not be converted" in errors and f"{damaged}: " in errors
+    outputs = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in outputs if p.name.startswith(".")] == [], "no temporary file left"
+    nifti = next(p for p in outputs if p.name.endswith(".nii.gz"))
+    nifti.write_bytes(b"edited by the user")
+    damaged.unlink()
+    assert dicom_to_nifti(tmp_path / "export", tmp_path / "out") == [], "existing outputs are kept"
+    assert nifti.read_bytes() == b"edited by the user"
+    assert len(dicom_to_nifti(tmp_path / "export", tmp_path / "out", overwrite=True)) == 2
+    assert sitk.ReadImage(str(nifti)).GetSize() == SHAPE

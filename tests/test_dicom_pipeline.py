@@ -3,6 +3,7 @@ evaluate, with MLflow tracking that must never carry a patient identifier."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import highdicom
@@ -13,6 +14,7 @@ import pytest
 from conftest import phantom, tiny
 from dicom_factory import IDENTIFIERS, expected_affine, write_series
 from mlflow.tracking import MlflowClient
+from mlflow_artifacts import all_runs, leaks
 
 from pipeline.data.build import build_datalist
 from pipeline.data.check import check_datalist
@@ -21,6 +23,7 @@ from pipeline.workflows import evaluate, infer, train
 
 GEOMETRY = {"spacing": (1.2, 1.2, 1.5), "origin": (-30.0, -20.0, 10.0), "row_direction": (1, 0, 0)}
 GEOMETRY["column_direction"] = (0, 0.9397, -0.3420)  # a 20-degree oblique series
+UID_NAMED = "1.2.826.0.1.3680043.8.498.1234567890"
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +33,12 @@ def dicom_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     affine = expected_affine(**GEOMETRY, ras=True)
     for index in range(4):
         image, label = phantom((40, 44, 36), rng)
-        case = f"case{index}"
+        case = f"case{index}" if index else UID_NAMED  # a folder named by its series UID, as many are
         stored = np.clip(image + 1024, 0, 4000).astype(np.int16)  # intercept -1024 gives the image back
-        write_series(root / "images" / case, stored, **GEOMETRY, intercept=-1024.0, modality="MR")
+        uid = None if index else UID_NAMED
+        write_series(
+            root / "images" / case, stored, **GEOMETRY, intercept=-1024.0, modality="MR", series_uid=uid
+        )
         (root / "labels").mkdir(exist_ok=True)
         nib.save(nib.Nifti1Image(label, affine), root / "labels" / f"{case}.nii.gz")
     return build_datalist(root, root / "datalist.json", folds=2, labels=["background", "organ", "core"])
@@ -42,8 +48,9 @@ def dicom_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pipeline_run(dicom_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("dicom_run")
     settings = {**tiny("unet3d"), "tracking_uri": f"sqlite:///{root / 'mlruns.db'}", "overlay_every": 1}
+    settings["val_fold"] = 1  # the fold of the series folder named by its UID: it is validated and scored
     models = train("unet3d", dicom_dataset, root / "train", epochs=1, overrides=settings)
-    series = dicom_dataset.parent / "images" / "case0"
+    series = dicom_dataset.parent / "images" / "case1"
     predictions = infer(
         "unet3d", [series], root / "predictions", models / "model.pt", {**settings, "dicom_seg": True}
     )
@@ -75,25 +82,21 @@ def test_evaluation_scores_dicom_cases(pipeline_run: dict) -> None:
     assert table[0].startswith("case,dice_organ,dice_core") and len(table) == 3
 
 
-def test_no_patient_identifier_reaches_mlflow(pipeline_run: dict, tmp_path: Path) -> None:
+def test_no_patient_identifier_or_path_reaches_mlflow(
+    pipeline_run: dict, dicom_dataset: Path, tmp_path: Path
+) -> None:
+    """Tag values, series and study UIDs and the folders' paths, in every artifact (PNG and HTML too),
+    param, tag and name of every run."""
     client = MlflowClient(pipeline_run["tracking_uri"])
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert {r.data.tags["workflow"] for r in runs} == {"train", "inference", "evaluate"}
-    secrets = [value for value in IDENTIFIERS.values() if value]
-    for run in runs:
-        visible = [run.info.run_name, *run.data.params, *run.data.params.values(), *run.data.metrics]
-        visible += [*run.data.tags, *run.data.tags.values()]
-        for artifact in text_artifacts(client, run.info.run_id, tmp_path / run.info.run_id):
-            visible.append(artifact.read_text(errors="replace"))
-        for secret in secrets:
-            assert not any(secret in str(text) for text in visible), (
-                f"{secret!r} leaked into run {run.info.run_name}"
-            )
-
-
-def text_artifacts(client: MlflowClient, run_id: str, into: Path) -> list[Path]:
-    local = Path(client.download_artifacts(run_id, "", str(into.mkdir(parents=True) or into)))
-    return [p for p in local.rglob("*") if p.suffix in {".csv", ".json", ".txt", ".yaml"}]
+    assert {r.data.tags["workflow"] for r in all_runs(client)} == {"train", "inference", "evaluate"}
+    header = pydicom.dcmread(next(pipeline_run["series"].iterdir()), stop_before_pixels=True)
+    secrets = [*IDENTIFIERS.values(), header.SeriesInstanceUID, header.StudyInstanceUID, UID_NAMED]
+    secrets += [str(dicom_dataset.parent.resolve()), str(pipeline_run["root"].resolve())]
+    assert leaks(pipeline_run["tracking_uri"], secrets, tmp_path) == []
+    cases = [
+        line.split(",")[0] for line in (pipeline_run["evaluation"] / "per_case.csv").read_text().splitlines()
+    ]
+    assert f"series_{hashlib.sha256(UID_NAMED.encode()).hexdigest()[:8]}" in cases, "scored, under a hash"
 
 
 def test_inference_skips_a_bad_input_with_one_line_and_segments_the_rest(

@@ -18,9 +18,13 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+import torch
 from dicom_factory import IDENTIFIERS, write_series
+from monai.data import MetaTensor
 from pydicom.uid import CTImageStorage, generate_uid
 
+from pipeline.inference import WriteDicomSegd
+from pipeline.inference.batch import cases_to_segment, dicom_seg_path, output_path
 from pipeline.io.dicom_seg import DicomSegError, EmptySegmentationError, write_dicom_seg
 
 NAMES = {1: "liver", 2: "spleen", 3: "tumour"}
@@ -193,3 +197,44 @@ def test_output_inside_the_series_folder_is_not_read_as_a_second_series(tmp_path
         out = write_dicom_seg(tmp_path / "labels.nii.gz", series, series / "seg.dcm", NAMES)
     moved = shutil.move(out, tmp_path / "seg.dcm")
     assert_round_trip(Path(moved), series, expected, NAMES)
+
+
+def test_write_dicom_segd_takes_the_series_a_folder_uid_input_names(tmp_path: Path) -> None:
+    """The inference transform with a ``folder#uid`` input, one of two series in the folder; a label
+    name with a backslash (DICOM's value separator) stays one SegmentLabel and its name whole."""
+    series = synthetic_series(tmp_path / "series")
+    saved = tmp_path / "out" / "case_seg.nii.gz"  # what SaveImaged wrote before the transform runs
+    saved.parent.mkdir()
+    expected = label_nifti(series, saved)
+    uid = pydicom.dcmread(next(series.iterdir()), stop_before_pixels=True).SeriesInstanceUID
+    write_series(series, np.zeros((24, 20, 2), np.int16), shuffle=False)  # a second series beside it
+    names = {1: "kidney\\left", 2: "spleen", 3: "tumour"}
+    data = {
+        "image": MetaTensor(torch.zeros(1, 2, 2, 2), meta={"filename_or_obj": f"{series}#{uid}"}),
+        "pred": MetaTensor(torch.zeros(1, 2, 2, 2), meta={"saved_to": str(saved)}),
+    }
+    WriteDicomSegd(keys="pred", label_names=names)(data)
+    seg = hd.seg.segread(tmp_path / "out" / "case_seg.dcm")
+    assert {series_uid for _, series_uid, _ in seg.get_source_image_uids()} == {uid}
+    assert {instance for _, _, instance in seg.get_source_image_uids()} == set(expected)
+    assert [seg.get_segment_description(n).segment_label for n in seg.segment_numbers] == [
+        "kidney/left",
+        "tumour",
+    ]
+    assert seg.SegmentSequence[0].SegmentDescription == "kidney\\left (label value 1)"
+    pixels = seg.get_pixels_by_source_instance(list(expected), combine_segments=True)
+    for instance, frame in zip(expected, pixels, strict=True):
+        np.testing.assert_array_equal(np.array([0, 1, 3])[frame], expected[instance], err_msg=instance)
+
+
+def test_a_rerun_with_dicom_seg_redoes_a_series_whose_seg_is_missing(tmp_path: Path) -> None:
+    series = synthetic_series(tmp_path / "series")
+    out = tmp_path / "out"
+    (case,) = cases_to_segment([series], out, "seg", dicom_seg=True)
+    nifti = output_path(series, out, "seg", case["case_name"])
+    out.mkdir()
+    label_nifti(series, nifti)  # a run that wrote the NIfTI and was killed before the SEG
+    assert cases_to_segment([series], out, "seg", dicom_seg=True) == [case], "the SEG is still to write"
+    assert cases_to_segment([series], out, "seg") == [], "without --dicom-seg the case is done"
+    dicom_seg_path(nifti).write_bytes(b"a SEG")
+    assert cases_to_segment([series], out, "seg", dicom_seg=True) == []

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fire
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import add_to_run, default_tracking_uri, new_run_name
 from pipeline.tracking.store import local_store
+from pipeline.workflows import command_line_value
 
 
 def test_run_names_never_repeat() -> None:
@@ -36,3 +38,21 @@ def test_files_and_tags_reach_the_named_run(tmp_path: Path) -> None:
     assert client.get_run(run_id).data.tags["training_run"] == "unet3d-train-1"
     with pytest.raises(ValueError, match="no MLflow run named 'other'"):
         add_to_run("demo-data", "other", tracking_uri=uri)
+
+
+def test_a_run_name_with_a_quote_is_found(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("demo-data", artifact_location=(tmp_path / "artifacts").as_uri())
+    for name in ("jane's run", 'the "best" run'):
+        run = client.create_run(experiment, run_name=name)
+        assert add_to_run("demo-data", name, tags={"checked": "yes"}, tracking_uri=uri) == run.info.run_id
+
+
+@pytest.mark.parametrize("value", ["exp,1", "2024", "it's", 'say "hi"', "$@x + 1", "/data/a b.nii.gz"])
+def test_multi_gpu_overrides_reach_the_bundle_as_given(value: str) -> None:
+    """``launch_distributed`` hands overrides to ``monai.bundle run``, which parses them with python-fire."""
+    received = fire.Fire(lambda **kwargs: kwargs, command=["--run_name", command_line_value(value)])
+    assert received == {"run_name": value}
+    numbers = fire.Fire(lambda **kwargs: kwargs, command=["--patch_size", command_line_value([32, 32, 16])])
+    assert numbers == {"patch_size": [32, 32, 16]}

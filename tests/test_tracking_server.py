@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny
 from mlflow.tracking import MlflowClient
+from mlflow_artifacts import artifact_files, executed_config, leaks
 
 from pipeline.tracking import TrackingUnavailable
 from pipeline.workflows import PROJECT_ROOT, evaluate, train
@@ -89,7 +90,6 @@ def test_training_run_records_params_metrics_tags_and_artifacts(tracked: dict) -
     )
     for key in (*expected.split(), "loss", "flip_prob", "sw_overlap", "dataset", "train_cases", "seed"):
         assert key in params, key
-    assert not any("/" in value and "." in value.split("/")[-1] for value in params.values()), "no file paths"
     for metric in (
         "train_loss",
         "lr_group_0",
@@ -111,6 +111,21 @@ def test_training_run_records_params_metrics_tags_and_artifacts(tracked: dict) -
     assert sum(p.startswith("overlays/") and p.endswith(".png") for p in artifacts) == 4, (
         "2 cases x 2 validations"
     )
+
+
+def test_no_file_path_reaches_the_server(
+    tracked: dict, server: str, phantom_datalist: Path, tmp_path: Path
+) -> None:
+    """Every artifact (config, CSV, JSON, HTML, PNG, weights), param, tag and name of every run."""
+    client, evaluation = tracked["client"], tracked["runs"]["evaluate"]
+    assert {"mean_dice_raw.csv", "per_case.csv", "metrics.json", "report.html"} <= set(
+        artifact_files(client, evaluation.info.run_id)
+    ), "the evaluation's files are among those searched"
+    paths = [str(phantom_datalist.parent.resolve()), str(tracked["root"].resolve())]
+    assert leaks(server, paths, tmp_path) == []
+    config = executed_config(client, evaluation.info.run_id, tmp_path / "config")
+    assert config["datalist"] == "datalist.json" and config["tracking_uri"] == server
+    assert config["checkpoint"] == "<redacted>"
 
 
 def test_running_the_same_training_again_continues_its_run(

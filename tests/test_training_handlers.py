@@ -15,6 +15,7 @@ from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import LrScheduleHandler, MeanDice, ValidationHandler, from_engine
 from monai.losses import DiceCELoss
+from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import Activationsd, AsDiscreted, Compose, RandFlipd, RandGaussianNoised
 
 from pipeline.io.checkpoint import CheckpointError, load_checkpoint, save_atomic
@@ -34,9 +35,12 @@ def build_trainer(
     cases: int = 4,
     augment: bool = False,
     amp: bool = False,
+    lr: float = 0.05,
+    cosine: bool = False,
+    every_minutes: float | None = None,
 ) -> tuple[SupervisedTrainer, SupervisedEvaluator]:
     """Two cases per iteration; ``augment`` adds random transforms and shuffling, whose generators a
-    resumed run must continue rather than restart."""
+    resumed run must continue rather than restart; ``cosine``: train.yaml's warm-up cosine schedule."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
     data = [
@@ -47,8 +51,12 @@ def build_trainer(
         for _ in range(cases)
     ]
     network = torch.nn.Conv3d(1, channels, 1)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=0.05)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=lr)
+    scheduler = (
+        WarmupCosineSchedule(optimizer, warmup_steps=2, t_total=max_epochs, warmup_multiplier=0.1)
+        if cosine
+        else torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
+    )
     validator = SupervisedEvaluator(
         device=torch.device("cpu"),
         val_data_loader=DataLoader(data[:2], batch_size=1),
@@ -69,7 +77,7 @@ def build_trainer(
     handlers = [
         LrScheduleHandler(scheduler, print_lr=False),
         ValidationHandler(validator=validator, interval=1, epoch_level=True),
-        TrainingCheckpoints(ckpt_dir, network, optimizer, scheduler, validator),
+        TrainingCheckpoints(ckpt_dir, network, optimizer, scheduler, validator, every_minutes=every_minutes),
         ProgressLogger(every=1, optimizer=optimizer),
     ]
     trainer = SupervisedTrainer(
@@ -135,7 +143,7 @@ def test_failed_save_leaves_the_previous_checkpoint_and_no_debris(tmp_path: Path
 def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     target = save_atomic({"weights": torch.zeros(1000)}, tmp_path / "model.pt")
     target.write_bytes(target.read_bytes()[:200])
-    with pytest.raises(CheckpointError, match=r"model\.pt cannot be read"):
+    with pytest.raises(CheckpointError, match=r"checkpoint \S*model\.pt is truncated or not a checkpoint"):
         load_checkpoint(target)
 
 
@@ -244,3 +252,33 @@ def test_the_amp_loss_scale_is_saved_and_restored(tmp_path: Path, monkeypatch: p
     again, _ = build_trainer(tmp_path, max_epochs=2, amp=True)
     again.run()
     assert saved == 512.0 and again.scaler.get_scale() == 512.0, "the resumed run keeps the saved scale"
+
+
+def test_a_long_epoch_is_checkpointed_on_the_wall_clock(tmp_path: Path) -> None:
+    """``every_minutes`` saves within the epoch (0: after every iteration), so a SIGKILL in the middle
+    of a long first epoch still leaves a checkpoint to resume from."""
+    trainer, _ = build_trainer(tmp_path, max_epochs=1, cases=8, every_minutes=0)  # 4 iterations
+    saved: list[int] = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED(once=3),
+        lambda _: saved.append(load_checkpoint(tmp_path / "latest.pt")["trainer"]["iteration"]),
+    )
+    trainer.run()
+    assert saved == [3]
+
+
+def test_a_resume_with_more_epochs_and_another_learning_rate_follows_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A finished 10-epoch warm-up cosine run extended to 20 epochs with half the learning rate: the
+    schedule ends at epoch 20 at the new rate, going down from where it stood, never climbing back."""
+    build_trainer(tmp_path, max_epochs=10, lr=1e-3, cosine=True)[0].run()
+    trainer, _ = build_trainer(tmp_path, max_epochs=20, lr=5e-4, cosine=True)
+    rates: list[float] = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: rates.append(e.optimizer.param_groups[0]["lr"]))
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.checkpoints"):
+        trainer.run()
+    assert len(rates) == 10 and rates == sorted(rates, reverse=True), rates
+    expected = WarmupCosineSchedule(torch.optim.SGD([torch.zeros(1)], lr=5e-4), 2, 20, warmup_multiplier=0.1)
+    assert rates[0] == pytest.approx(5e-4 * expected.lr_lambda(10)) and rates[-1] < 5e-5
+    assert "learning rate 0.001 -> 0.0005" in caplog.text and "schedule length 10 -> 20" in caplog.text

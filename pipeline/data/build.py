@@ -30,24 +30,49 @@ def _check_files(found: Found, root: Path, layout: str) -> None:
                 raise FileNotFoundError(f"{path} (case {name}) does not exist")
 
 
+# Bounds on what a label file may hold: class indices, not intensities (an image put in labels/).
+MAX_LABEL_VALUE = 65535
+MAX_LABEL_CLASSES = 1000
+
+
 def _label_values(path: Path) -> set[int]:
-    """Label values present in one file; bincount, since np.unique sorts every voxel."""
+    """Label values present in one file. The maximum is checked before ``np.unique`` sorts the voxels,
+    so an intensity image in ``labels/`` is refused in one pass, with no array sized by its values."""
     image = sitk.ReadImage(str(path))  # kept alive: the view below does not own its memory
     array = sitk.GetArrayViewFromImage(image)
-    if array.dtype.kind == "f":
-        if not np.array_equal(array, np.round(array)):
-            raise ValueError(f"label file {path} holds non-integer values; is it an image?")
-        array = array.astype(np.int64)
-    if array.dtype.kind not in "iu" or array.min() < 0:
-        raise ValueError(f"label file {path} holds negative or non-numeric values")
-    return {int(value) for value in np.flatnonzero(np.bincount(array.ravel()))}
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"label file {path} holds non-numeric values ({array.dtype})")
+    low, high = array.min(), array.max()
+    if low < 0 or high > MAX_LABEL_VALUE:
+        raise ValueError(
+            f"label file {path} holds values from {low} to {high}; class indices are 0 to at most "
+            f"{MAX_LABEL_VALUE} (is it an image?)"
+        )
+    values = np.unique(array)
+    if array.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
+        raise ValueError(f"label file {path} holds non-integer values; is it an image?")
+    if len(values) > MAX_LABEL_CLASSES:
+        raise ValueError(f"label file {path} holds {len(values)} distinct values; is it an image?")
+    return {int(value) for value in values}
 
 
 def labels_from_files(paths: list[Path]) -> dict[int, str]:
-    """``class_N`` for every index up to the largest value found, so an index is its label value."""
-    values = set().union(*(_label_values(path) for path in paths))
+    """``class_N`` for every index up to the largest value found, so an index is its label value.
+
+    Indices must be mostly used: a mask saved as 0/255 would otherwise become 256 classes, 254 of
+    them never seen, and a network trained with that many outputs."""
+    found = {path: _label_values(path) for path in paths}
+    values = set().union(*found.values())
     if max(values) == 0:
         raise ValueError(f"the label files ({paths[0].parent} ...) hold only background (0)")
+    unused = max(values) + 1 - len(values)
+    if unused > max(len(values), 8):
+        highest = next(path for path, present in found.items() if max(values) in present)
+        raise ValueError(
+            f"label file {highest} holds the value {max(values)}, and the label files hold only "
+            f"{', '.join(map(str, sorted(values)[:10]))}: as class indices that is {max(values) + 1} "
+            f"classes, {unused} of them never used. Relabel to 0, 1, 2, ... (a mask saved as 0/255?)"
+        )
     return {index: "background" if index == 0 else f"class_{index}" for index in range(max(values) + 1)}
 
 

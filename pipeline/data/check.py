@@ -27,14 +27,15 @@ Rules (``error`` stops training and evaluation; ``warning`` is reported and logg
   errors (several series, a missing slice, a damaged file) become findings. The size guard is for
   NIfTI headers, which can declare any size; a series' slices are all on disk.
 - datalist: an empty role is an error (a warning for ``test`` in ``medseg check``: MSD datalists
-  may omit it); an image listed twice, or a training case without a label, is an error.
+  may omit it); an image listed twice, or a training case without a label, is an error, and so
+  are two cases whose predictions would get one name (``a.nii`` and ``a.nii.gz`` in one folder).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -43,6 +44,7 @@ import numpy as np
 
 from pipeline.data.datalist import ROLES, cases, label_names, num_channels, read_json
 from pipeline.io.inspect import Unreadable, open_volume, reason
+from pipeline.io.readers import name_clashes
 
 Severity = Literal["error", "warning"]
 MEMORY_BUDGET = 8 * 2**30
@@ -297,6 +299,12 @@ def _list_problems(datalist: Path, dataset_dir: Path | None, by_role: dict[str, 
     ]
 
 
+def _name_clashes(datalist: Path, found: Iterable[Mapping]) -> list[Finding]:
+    """Cases whose predictions would be one file (``pipeline.io.readers.output_names``, the names
+    that evaluation and ``medseg evaluate --predictions`` use): one case would be scored as the other."""
+    return [Finding(str(datalist), problem) for problem in name_clashes([case["image"] for case in found])[1]]
+
+
 def _check(
     datalist: Path,
     dataset_dir: Path | None,
@@ -322,6 +330,7 @@ def _check(
             severity: Severity = "warning" if role in optional else "error"
             findings.append(Finding(str(datalist), f"has no {role} cases (val_fold={val_fold})", severity))
     unique = {_case_key(case): case for found in by_role.values() for case in found if case.get("image")}
+    findings += _name_clashes(datalist, unique.values())
     for case in unique.values():
         findings += check_case(case, labels, num_channels(datalist), memory_budget=budget)
     return len(unique), findings

@@ -5,25 +5,40 @@ A datalist is a JSON file with a ``labels`` table (index -> name), a ``modality`
 optional ``test`` list. Paths are relative to the datalist's folder (or to ``dataset_dir``),
 so a dataset folder can be moved as a whole.
 
-Training writes the datalist's header (everything but the case lists) next to its checkpoints
-as ``dataset.json``: inference then knows the label names, channel count and modality of the
-model without the training data being present.
+Training keeps the datalist's header (everything but the case lists) and a fingerprint of its
+training cases inside its checkpoints and beside them as ``dataset.json``: inference then knows the
+label names, channel count and modality of the model without the training data being present, and a
+resumed training can tell that it is given the same dataset. The functions reading facts take a
+datalist path or such a dict of facts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from monai.data import load_decathlon_datalist
 
+from pipeline.io.atomic import atomic_write
+
 CASE_LISTS = ("training", "validation", "test")
 DATASET_INFO_FILE = "dataset.json"
+FINGERPRINT_KEY = "training_cases"  # in the dataset facts: count and hash of the labelled cases
 ROLES = ("train", "validation", "test", "all")
+Source = str | Path | Mapping[str, Any]  # a datalist or dataset.json path, or dataset facts
 
 
-def read_json(path: str | Path) -> dict:
-    """Load a datalist (or dataset info) file, naming the file in every error."""
+def read_json(path: Source) -> dict:
+    """Load a datalist (or dataset info) file, naming the file in every error; dataset facts (a dict,
+    as a checkpoint holds them) are checked the same way and returned as they are."""
+    if isinstance(path, Mapping):
+        if "labels" not in path:
+            raise ValueError("dataset facts have no 'labels' table (index -> name)")
+        return dict(path)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} does not exist")
@@ -31,37 +46,44 @@ def read_json(path: str | Path) -> dict:
         content = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"datalist {path} is not valid JSON: {error}") from None
-    if not isinstance(content, dict) or "labels" not in content:
+    if not isinstance(content, dict) or not isinstance(content.get("labels"), dict):
         raise ValueError(f"datalist {path} has no 'labels' table (index -> name), as MSD datalists do")
+    if not isinstance(content.get("modality", {}), dict):
+        raise ValueError(f"datalist {path}: 'modality' must be a table (channel -> name), as in MSD datalists")
     return content
 
 
-def label_names(path: str | Path) -> dict[int, str]:
+def label_names(path: Source) -> dict[int, str]:
     """Class index -> name, background included, ordered by index."""
     labels = read_json(path)["labels"]
     names = {int(index): str(name) for index, name in labels.items()}
     if sorted(names) != list(range(len(names))):
-        raise ValueError(f"datalist {path}: label indices {sorted(names)} are not 0..{len(names) - 1}")
+        raise ValueError(f"datalist {_name(path)}: label indices {sorted(names)} are not 0..{len(names) - 1}")
     return names
 
 
-def num_classes(path: str | Path) -> int:
+def num_classes(path: Source) -> int:
     return len(label_names(path))
 
 
-def modality(path: str | Path) -> str:
+def modality(path: Source) -> str:
     """The modality of the first channel ('CT', 'MRI', ...): it selects the intensity normalisation."""
     modalities = read_json(path).get("modality", {"0": "MRI"})
     return str(modalities.get("0", next(iter(modalities.values()))))
 
 
-def num_channels(path: str | Path) -> int:
+def num_channels(path: Source) -> int:
     return len(read_json(path).get("modality", {"0": "MRI"}))
 
 
-def dataset_name(path: str | Path) -> str:
+def dataset_name(path: Source) -> str:
     """A name for the MLflow experiment, so runs of all bundles on one dataset sit side by side."""
-    return str(read_json(path).get("name") or Path(path).parent.name)
+    fallback = "dataset" if isinstance(path, Mapping) else Path(path).parent.name
+    return str(read_json(path).get("name") or fallback)
+
+
+def _name(source: Source) -> str:
+    return "of the checkpoint" if isinstance(source, Mapping) else str(source)
 
 
 def cases(
@@ -85,6 +107,7 @@ def cases(
     def load(key: str) -> list[dict]:
         if not content.get(key):
             return []
+        _check_entries(datalist, key, content[key])
         return load_decathlon_datalist(
             str(datalist), is_segmentation=True, data_list_key=key, base_dir=base_dir
         )
@@ -104,13 +127,58 @@ def cases(
     return [case for case in training if int(case["fold"]) != val_fold]
 
 
-def save_dataset_info(datalist: str | Path, out_dir: str | Path) -> Path:
-    """Write the datalist's header (labels, modality, name) beside the checkpoints."""
+def _is_path(value: object) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def _check_entries(datalist: str | Path, key: str, entries: object) -> None:
+    """A case list's types: a number for a path or a word for a fold would otherwise fail later as a
+    TypeError deep in MONAI or in the naming of outputs, naming neither the datalist nor the case."""
+    if not isinstance(entries, list):
+        raise ValueError(f"datalist {datalist}: '{key}' must be a list of cases, not {type(entries).__name__}")
+    for index, case in enumerate(entries):
+        where = f"datalist {datalist}: {key} case {index}"
+        if not isinstance(case, dict):
+            raise ValueError(f"{where} is {json.dumps(case)}, not an object with an 'image' path")
+        for name in ("image", "label"):
+            if case.get(name) not in (None, "") and not _is_path(case[name]):
+                raise ValueError(f"{where}: {name} {json.dumps(case[name])} is not a path or a list of paths")
+        fold = case.get("fold")
+        if fold is not None and (isinstance(fold, bool) or not str(fold).lstrip("-").isdigit()):
+            raise ValueError(f"{where}: fold {json.dumps(fold)} is not an integer")
+
+
+def dataset_facts(datalist: str | Path, dataset_dir: str | Path | None = None) -> dict[str, Any]:
+    """The datalist's header (labels, modality, name; never the case lists) and a fingerprint of its
+    labelled cases: what a checkpoint carries to describe itself and to recognise its dataset."""
     header = {key: value for key, value in read_json(datalist).items() if key not in CASE_LISTS}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / DATASET_INFO_FILE
-    target.write_text(json.dumps(header, indent=2) + "\n")
+    header["name"] = dataset_name(datalist)
+    header[FINGERPRINT_KEY] = case_fingerprint(datalist, dataset_dir)
+    return header
+
+
+def case_fingerprint(datalist: str | Path, dataset_dir: str | Path | None = None) -> dict[str, Any]:
+    """Count and hash of the labelled cases' paths (relative to the dataset folder) and file sizes:
+    the same for a moved dataset folder, different for other cases or files. No path is stored."""
+    base = str(dataset_dir) if dataset_dir else str(Path(datalist).resolve().parent)
+    entries = cases(datalist, dataset_dir, role="all")
+    digest = hashlib.sha256()
+    for case in entries:
+        for key in ("image", "label"):
+            for path in case[key] if isinstance(case.get(key), list) else [case.get(key)]:
+                if path is not None:
+                    size = os.path.getsize(path) if os.path.isfile(path) else 0
+                    digest.update(f"{key}:{os.path.relpath(path, base)}:{size}\n".encode())
+    return {"count": len(entries), "sha256": digest.hexdigest()}
+
+
+def save_dataset_info(source: Source, out_dir: str | Path) -> Path:
+    """Write the dataset facts (or a datalist's header) beside the checkpoints, atomically: a look
+    at a model's classes and channels without loading it."""
+    header = {key: value for key, value in read_json(source).items() if key not in CASE_LISTS}
+    target = Path(out_dir) / DATASET_INFO_FILE
+    with atomic_write(target) as handle:
+        handle.write((json.dumps(header, indent=2) + "\n").encode())
     return target
 
 
@@ -119,7 +187,11 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 def image_cases(inputs: str | Path | list[str | Path]) -> list[dict]:
     """Inference inputs as dataset entries: each file or DICOM series (``folder[#uid]``) as given,
-    each other folder's NIfTI files sorted."""
+    each other folder's NIfTI files sorted.
+
+    Hidden files are no images: macOS ``._*`` copies (MSD archives ship them) and the partial
+    files of a killed writer (``pipeline.io.atomic``) are skipped in folders, refused when named.
+    """
     from pipeline.io.dicom import is_series_path
 
     entries = []
@@ -128,10 +200,14 @@ def image_cases(inputs: str | Path | list[str | Path]) -> list[dict]:
         if is_series_path(item):
             entries.append({"image": str(item)})
         elif path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+            found = sorted(
+                p for p in path.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
+            )
             if not found:
                 raise FileNotFoundError(f"input folder {path} holds no .nii or .nii.gz file")
             entries += [{"image": str(p)} for p in found]
+        elif path.is_file() and path.name.startswith("."):
+            raise ValueError(f"input {path} is a hidden file (a macOS ._ copy or a partial file), no image")
         elif path.is_file():
             entries.append({"image": str(path)})
         else:

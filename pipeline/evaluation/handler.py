@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from pipeline.data.layouts import case_name
 from pipeline.evaluation.metrics import score_case
 from pipeline.evaluation.report import CaseResult, flat_means, write_evaluation
 from pipeline.postprocessing import channel_argmax, voxel_spacing
+from pipeline.tracking.safe import case_label
 
 
 def label_map(volume: torch.Tensor) -> np.ndarray:
@@ -81,7 +81,7 @@ class EvaluationReport:
 
     def score_item(self, item: Mapping[str, Any]) -> CaseResult:
         image, label = item[self.image_key], item[self.label_key]
-        name = case_name(Path(source_file(image) or source_file(label) or f"case{len(self.results)}"))
+        name = case_label(source_file(image) or source_file(label) or f"case{len(self.results)}")
         truth, spacing = label_map(label), voxel_spacing(label)
         classes = [i for i in sorted(self.label_names) if i > 0]
         scores = {}

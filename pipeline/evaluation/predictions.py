@@ -1,9 +1,10 @@
 """Scoring segmentations already on disk, without a network: ``medseg evaluate --predictions DIR``.
 
 A prediction is matched to its case by the project's case-name rule, as inference names it:
-``<case>_seg.nii.gz`` for the image ``<case>.nii.gz``. Prediction and label must lie on one grid
-(inference writes in the input's space, and a label shares its image's grid); the label's affine
-gives the voxel size. The outputs are the evaluate workflow's (``pipeline.evaluation.report``).
+``<case>_seg.nii.gz`` for the image ``<case>.nii.gz``, or ``<folder>_<case>_seg.nii.gz`` where cases
+of the split share a file name (``pipeline.io.readers.output_names``). Prediction and label must lie
+on one grid (inference writes in the input's space, and a label shares its image's grid); the
+label's affine gives the voxel size. The outputs are the evaluate workflow's (``pipeline.evaluation.report``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pipeline.data.datalist import cases, label_names, modality
 from pipeline.data.layouts import case_name
 from pipeline.evaluation.metrics import ClassScores, score_case
 from pipeline.evaluation.report import CaseResult, write_evaluation
+from pipeline.io.readers import output_names
 
 PREDICTION_SUFFIX = "_seg.nii.gz"
 GRID_TOLERANCE_MM = 1e-3
@@ -89,10 +91,10 @@ def evaluate_predictions(
         raise ValueError(f"datalist {datalist}: {split} cases without a label: {', '.join(unlabelled)}")
     names = label_names(datalist)
     classes = [i for i in sorted(names) if i > 0]
-    files = prediction_files(Path(predictions), [case_name(Path(e["image"])) for e in entries])
+    case_names = output_names([entry["image"] for entry in entries])
+    files = prediction_files(Path(predictions), case_names)
     results = []
-    for entry in entries:
-        name = case_name(Path(entry["image"]))
+    for entry, name in zip(entries, case_names, strict=True):
         scores = score_files(files[name], Path(entry["label"]), classes)
         results.append(
             CaseResult(name, {"predictions": scores}, entry["image"], entry["label"], str(files[name]))

@@ -14,15 +14,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.evaluation.metrics import EMPTY_RULE, METRICS, VOLUMES, ClassScores, class_means, summarise
 from pipeline.io.atomic import atomic_write
+from pipeline.tracking.safe import case_label, metric_name
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")  # what MLflow accepts in a metric name
 CASE_TABLE = "per_case.csv"
 SUMMARY_FILE = "metrics.json"
 REPORT_FILE = "report.html"
@@ -48,8 +47,11 @@ class CaseResult:
 
 
 def image_meta(batch: list[dict]) -> list[dict]:
-    """MetricsSaver's batch_transform: the image metadata of each decollated item, for its file name."""
-    return [item["image"].meta for item in batch]
+    """MetricsSaver's batch_transform: each decollated item's case name as its file name, so that its
+    tables (``mean_dice_raw.csv``...), which go to MLflow, hold no path and no DICOM UID."""
+    return [
+        {"filename_or_obj": case_label(str(item["image"].meta.get("filename_or_obj", "?")))} for item in batch
+    ]
 
 
 def variant_title(variant: str) -> str:
@@ -161,7 +163,7 @@ def flat_means(document: Mapping) -> dict[str, float]:
         prefix = "" if position == 0 else f"{variant}_"
         for name, per_metric in content["summary"].items():
             for metric, stats in per_metric.items():
-                metrics[_UNSAFE.sub("_", f"{prefix}{metric}_{name}")] = float(stats["mean"])
+                metrics[metric_name(f"{prefix}{metric}_{name}")] = float(stats["mean"])
     return metrics
 
 

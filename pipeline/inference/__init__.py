@@ -10,7 +10,7 @@ from typing import Any
 from monai.transforms import MapTransform
 
 from pipeline.inference import batch, weights  # noqa: F401 - named by the bundle configs
-from pipeline.io.dicom import is_series_path
+from pipeline.io.dicom import is_series_path, split_series_path
 from pipeline.io.dicom_seg import EmptySegmentationError, write_dicom_seg
 
 logger = logging.getLogger(__name__)
@@ -33,11 +33,12 @@ class WriteDicomSegd(MapTransform):
         source = str(result[self.image_key].meta.get("filename_or_obj", ""))
         if not is_series_path(source):
             return result
+        folder, series_uid = split_series_path(source)  # ``folder#uid``: the series in a shared folder
         for key in self.key_iterator(result):
             saved = Path(result[key].meta["saved_to"])
-            target = saved.with_name(saved.name.removesuffix(".gz").removesuffix(".nii") + ".dcm")
+            target = batch.dicom_seg_path(saved)
             try:
-                write_dicom_seg(saved, source, target, self.label_names)
+                write_dicom_seg(saved, folder, target, self.label_names, series_uid=series_uid)
             except EmptySegmentationError:
                 logger.warning("no structure found in %s: no DICOM SEG written (the NIfTI is)", saved.name)
         return result

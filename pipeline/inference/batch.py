@@ -3,7 +3,9 @@
 - Each segmentation is written atomically (``AtomicNiftiWriter``, named by SaveImaged's ``writer``):
   a killed run never leaves half a file under the final name.
 - A rerun skips the cases whose segmentation exists (``cases_to_segment``; ``overwrite: true`` redoes
-  them), so an interrupted batch resumes where it stopped.
+  them), so an interrupted batch resumes where it stopped; partial files of a killed run are removed.
+- Each case's output name is unique within its batch (``case_name``): two ``imaging.nii.gz`` in
+  different folders never write one file.
 - A case that fails (reading, the network, post-processing or saving) is logged and skipped; the
   others go on, and the run ends listing every failure (``SkipFailedCases.raise_if_any`` raises
   ``CaseFailures``: ``medseg infer`` exits with status 1).
@@ -11,23 +13,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from ignite.engine import Engine, Events
 from monai.data import FolderLayout, NibabelWriter
 
 from pipeline.data.datalist import image_cases
-from pipeline.io.atomic import atomic_path
-from pipeline.io.readers import series_name_formatter
+from pipeline.io.atomic import TMP_SUFFIX, atomic_path, stale_temporaries
+from pipeline.io.dicom import is_series_path
+from pipeline.io.readers import CASE_SUFFIX, output_names, series_name_formatter
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_EXTENSION = ".nii.gz"  # SaveImaged's default, which the bundles keep
+STALE_AFTER_S = 600.0  # a partial file untouched this long has no writer any more
 
 
 class AtomicNiftiWriter(NibabelWriter):
@@ -38,22 +45,77 @@ class AtomicNiftiWriter(NibabelWriter):
             super().write(tmp, verbose=verbose, **kwargs)
 
 
-def output_path(image: str | Path, output_dir: str | Path, postfix: str) -> Path:
-    """Where SaveImaged puts the segmentation of ``image``: the same formatter and folder layout."""
+def output_path(image: str | Path, output_dir: str | Path, postfix: str, name: str | None = None) -> Path:
+    """Where SaveImaged puts the segmentation of ``image``: the same formatter and folder layout.
+    ``name`` is the case's name within its batch (``case_name``); without it, the input's own."""
     layout = FolderLayout(output_dir, postfix=postfix, extension=OUTPUT_EXTENSION, makedirs=False)
     names = series_name_formatter({"filename_or_obj": str(image)}, None)
+    if name is not None:
+        names["subject"] = name + CASE_SUFFIX
     return Path(layout.filename(**names))
 
 
+def dicom_seg_path(nifti: str | Path) -> Path:
+    """The DICOM SEG written beside a segmentation of a series: ``<case>_seg.dcm``."""
+    nifti = Path(nifti)
+    return nifti.with_name(nifti.name.removesuffix(".gz").removesuffix(".nii") + ".dcm")
+
+
+def label_dtype(num_classes: int) -> type[np.unsignedinteger]:
+    """The smallest unsigned type that holds every class index (uint8 up to 256 classes, then uint16):
+    a fixed uint8 would silently wrap class 256 to background."""
+    return np.min_scalar_type(max(int(num_classes) - 1, 0)).type
+
+
+def remove_stale_temporaries(outputs: Sequence[Path], older_than_s: float = STALE_AFTER_S) -> int:
+    """Delete the partial files that killed writers left beside ``outputs``; returns how many.
+
+    Only those untouched for ``older_than_s``: a running writer (another run into the same folder)
+    keeps writing to its file, so its modification time stays recent.
+    """
+    by_folder: dict[Path, list[str]] = {}
+    for path in outputs:
+        by_folder.setdefault(path.parent, []).append(path.name)
+    removed = 0
+    for folder, names in by_folder.items():
+        if not folder.is_dir() or not any(folder.glob(f".*{TMP_SUFFIX}*")):  # the usual case: none
+            continue
+        for tmp in (tmp for name in names for tmp in stale_temporaries(folder, name)):
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - tmp.stat().st_mtime > older_than_s:
+                    tmp.unlink()
+                    removed += 1
+    if removed:
+        logger.info("removed %d partial file(s) left by an interrupted run", removed)
+    return removed
+
+
 def cases_to_segment(
-    inputs: str | Path | Sequence[str | Path], output_dir: str | Path, postfix: str, overwrite: bool = False
+    inputs: str | Path | Sequence[str | Path],
+    output_dir: str | Path,
+    postfix: str,
+    overwrite: bool = False,
+    dicom_seg: bool = False,
+    case_names: Sequence[str] | None = None,
 ) -> list[dict]:
-    """The input cases (files, folders, DICOM series) still to segment: without ``overwrite``, those
-    whose segmentation is already in ``output_dir`` are skipped (a rerun resumes a batch)."""
+    """The input cases (files, folders, DICOM series) still to segment, each with its ``case_name``.
+
+    Names are unique within the batch (``pipeline.io.readers.output_names``); ``case_names`` gives
+    them instead, when the batch is a part of a larger one (``medseg infer`` passes the cases still
+    to do). Without ``overwrite``, cases whose segmentation (and, with ``dicom_seg``, a series' SEG)
+    is already in ``output_dir`` are skipped: a rerun resumes a batch.
+    """
     cases = image_cases(inputs if isinstance(inputs, (str, Path)) else list(inputs))
+    names = list(case_names) if case_names else output_names([case["image"] for case in cases])
+    if len(names) != len(cases):
+        raise ValueError(f"{len(names)} case names for {len(cases)} inputs")
+    for case, name in zip(cases, names, strict=True):
+        case["case_name"] = name
+    outputs = [output_path(case["image"], output_dir, postfix, case["case_name"]) for case in cases]
+    remove_stale_temporaries([path for out in outputs for path in (out, dicom_seg_path(out))])
     if overwrite:
         return cases
-    todo = [case for case in cases if not output_path(case["image"], output_dir, postfix).is_file()]
+    todo = [case for case, out in zip(cases, outputs, strict=True) if not _segmented(case, out, dicom_seg)]
     if len(todo) < len(cases):
         logger.info(
             "%d of %d cases already segmented in %s: skipped (overwrite=true segments them again)",
@@ -62,6 +124,12 @@ def cases_to_segment(
             output_dir,
         )
     return todo
+
+
+def _segmented(case: dict, output: Path, dicom_seg: bool) -> bool:
+    """Done: its segmentation exists, and its SEG when one is wanted (a series with ``dicom_seg``)."""
+    wants_seg = dicom_seg and is_series_path(case["image"])
+    return output.is_file() and (not wants_seg or dicom_seg_path(output).is_file())
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.inferers import Inferer
 
-from pipeline.io.checkpoint import CheckpointError, load_checkpoint
+from pipeline.io.checkpoint import load_checkpoint, load_weights, network_weights
 from pipeline.networks import to_device
 
 SHARED_SPACE = ("spacing", "modality", "labels", "preprocessing_steps")
@@ -39,13 +39,9 @@ def space_of(parser: ConfigParser) -> str:
 
 
 def load_network(parser: ConfigParser, checkpoint: str, device: Any) -> torch.nn.Module:
+    """The member's network with its weights (any checkpoint form ``network_weights`` reads)."""
     network = parser.get_parsed_content("network_def")
-    try:
-        network.load_state_dict(load_checkpoint(checkpoint, map_location="cpu"))
-    except RuntimeError as error:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} does not fit its bundle's network ({error})"
-        ) from None
+    load_weights(network, network_weights(load_checkpoint(checkpoint, map_location="cpu")), checkpoint)
     return to_device(network, device, parser.get_parsed_content("channels_last")).eval()
 
 

@@ -1,5 +1,11 @@
 """Checkpoints written so that a crash at any moment leaves the previous one intact, and read so that
-no code runs from the file and a checkpoint that does not fit says which file and what differs."""
+no code runs from the file and a checkpoint that does not fit says which file and what differs.
+
+A ``model.pt`` saved by training is self-describing: ``{"network": state_dict, "dataset": facts}``,
+the facts being the datalist's header (labels, modality, name) and a fingerprint of the training
+cases, so a checkpoint copied anywhere still knows its classes and channels. Bare state dicts (older
+checkpoints, model-zoo bundles) and full training states (``latest.pt``) load as well.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,11 @@ from typing import Any
 
 import torch
 
+from pipeline.data.datalist import DATASET_INFO_FILE, read_json
 from pipeline.io.atomic import atomic_write
 
-TRAINING_STATE_KEYS = frozenset({"network", "trainer"})  # what marks a full training state (latest.pt)
+NETWORK_KEY = "network"  # the network's state dict in a self-describing model.pt and in latest.pt
+DATASET_KEY = "dataset"  # the dataset facts (datalist header and training-case fingerprint)
 
 
 class CheckpointError(RuntimeError):
@@ -36,7 +44,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as error:  # torch raises many types for truncated or foreign files
         detail = str(error).splitlines()[0] if str(error) else "no detail"
         raise CheckpointError(
-            f"checkpoint {path} cannot be read: truncated, or not a PyTorch checkpoint "
+            f"checkpoint {path} is truncated or not a checkpoint: it cannot be read "
             f"({type(error).__name__}: {detail})"
         ) from None
     if not isinstance(checkpoint, dict):
@@ -45,11 +53,32 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def network_weights(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The network's state dict: the checkpoint itself (``model.pt``), or the ``network`` entry of a
-    full training state (``latest.pt``), so an interrupted training's weights can be used too."""
-    if set(checkpoint) >= TRAINING_STATE_KEYS:
-        return checkpoint["network"]
-    return checkpoint
+    """The network's state dict: the ``network`` entry of a self-describing ``model.pt`` or of a full
+    training state (``latest.pt``, so an interrupted training's weights can be used too), or the
+    checkpoint itself when it is a bare state dict (its values are tensors, never a dict)."""
+    network = checkpoint.get(NETWORK_KEY)
+    return network if isinstance(network, Mapping) else checkpoint
+
+
+def model_state(weights: Mapping[str, Any], dataset: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What ``model.pt`` holds: the weights and, when known, the dataset facts that describe them."""
+    return {NETWORK_KEY: dict(weights), DATASET_KEY: dict(dataset)} if dataset else dict(weights)
+
+
+def dataset_facts(checkpoint: str | Path) -> dict[str, Any]:
+    """The labels, modality and name a checkpoint was trained with: stored inside it, or, for a
+    checkpoint older than that, in the ``dataset.json`` beside it. Errors name the checkpoint."""
+    path = Path(checkpoint)
+    facts = load_checkpoint(path).get(DATASET_KEY)
+    if isinstance(facts, Mapping) and "labels" in facts:
+        return dict(facts)
+    beside = path.with_name(DATASET_INFO_FILE)
+    if not beside.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} holds no dataset facts (labels, channels) and no {DATASET_INFO_FILE} lies "
+            "beside it: put the training's dataset.json next to it, or use a model.pt saved by this version"
+        )
+    return read_json(beside)
 
 
 def mismatch(module: torch.nn.Module, state: Mapping[str, Any]) -> str | None:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.misc import is_dicom
 from pydicom.multival import MultiValue
+
+from pipeline.io.atomic import atomic_path, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +121,19 @@ def _header(path: Path) -> Dataset | None:
     return header
 
 
-def _headers(folder: Path, recursive: bool = False) -> dict[str, Slices]:
+def _headers(folder: Path, recursive: bool = False, unreadable: list[str] | None = None) -> dict[str, Slices]:
+    """Headers grouped by series. With an ``unreadable`` list, a damaged file is noted there and the
+    scan goes on (a tree of studies); without one, it raises (one series, where every file counts)."""
     paths = sorted(folder.rglob("*") if recursive else folder.iterdir())
     groups: dict[str, Slices] = {}
     for path in paths:
-        header = _header(path)
+        try:
+            header = _header(path)
+        except DicomReadError as error:
+            if unreadable is None:
+                raise
+            unreadable.append(str(error))
+            continue
         if header is not None:
             groups.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
     return groups
@@ -189,17 +200,28 @@ def _execute(where: str, files: list[Path]) -> sitk.Image:
     raise DicomReadError(f"{where}: SimpleITK cannot read these slices as one volume") from None
 
 
+def _frames(header: Dataset) -> int:
+    """Frames in one file: a multi-frame file (enhanced CT/MR) holds a whole volume in one 'slice'."""
+    try:
+        return max(1, int(header.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        raise DicomReadError("NumberOfFrames is not a number") from None
+
+
 def _check_size(where: str, slices: Slices) -> None:
-    """Refuse from the headers a volume too large to hold: Rows and Columns can declare any size, and
-    SimpleITK allocates the declared volume before it finds the pixel data missing."""
+    """Refuse from the headers a volume too large to hold: Rows, Columns and NumberOfFrames can declare
+    any size, and SimpleITK allocates the declared volume before it finds the pixel data missing."""
     try:
         rows, columns = int(slices[0][1].Rows), int(slices[0][1].Columns)
+        frames = sum(_frames(header) for _, header in slices)
     except (AttributeError, TypeError, ValueError):
-        raise DicomReadError(f"{where}: a slice has no valid Rows/Columns; not an image series") from None
-    needed = rows * columns * len(slices) * 4  # as float32 after rescaling
+        raise DicomReadError(
+            f"{where}: a slice has no valid Rows/Columns/NumberOfFrames; not an image series"
+        ) from None
+    needed = rows * columns * frames * 4  # as float32 after rescaling
     if needed > MAX_SERIES_BYTES:
         raise DicomReadError(
-            f"{where}: slices declare {columns}x{rows}x{len(slices)} voxels ({needed / 2**30:.3g} GiB as "
+            f"{where}: slices declare {columns}x{rows}x{frames} voxels ({needed / 2**30:.3g} GiB as "
             f"float32), over the memory budget of {MAX_SERIES_BYTES / 2**30:g} GiB; not read"
         )
 
@@ -281,41 +303,69 @@ def _compact(image: sitk.Image) -> sitk.Image:
     return image
 
 
-def _convert(where: str, uid: str, slices: Slices, out_dir: Path) -> Path:
-    image = _compact(_read_slices(where, slices))
+class ConversionFailures(ValueError):
+    """Files or series of a tree that could not be converted; the others were (``written``)."""
+
+    def __init__(self, failures: list[str], written: list[Path]) -> None:
+        self.failures, self.written = failures, written
+        lines = "\n".join(f"  {failure}" for failure in failures)
+        super().__init__(f"{len(failures)} DICOM file(s) or series could not be converted:\n{lines}")
+
+
+def _convert(where: str, uid: str, slices: Slices, out_dir: Path, overwrite: bool) -> Path | None:
+    """Write one series' NIfTI and sidecar, each atomically; None when its NIfTI exists and is kept."""
     stem = series_stem(uid, slices[0][1])
     target = out_dir / f"{stem}.nii.gz"
-    sitk.WriteImage(image, str(target), useCompression=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(sidecar(slices[0][1], image), indent=2) + "\n")
+    if target.exists() and not overwrite:
+        logger.warning("kept the existing %s (%s); --overwrite replaces it", target.name, _describe(slices))
+        return None
+    image = _compact(_read_slices(where, slices))
+    with atomic_path(target, keep_suffix=True) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+    with atomic_write(out_dir / f"{stem}.json") as handle:
+        handle.write((json.dumps(sidecar(slices[0][1], image), indent=2) + "\n").encode())
     logger.info("wrote %s (%d slices)", target.name, len(slices))
     return target
 
 
-def dicom_to_nifti(src: str | Path, out_dir: str | Path) -> list[Path]:
+def dicom_to_nifti(src: str | Path, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
     """Convert one series (a series path) or every series under a tree of studies to ``.nii.gz`` + JSON.
 
     In a tree, a series that is not one regular volume (a localizer, a report) is skipped with a
-    warning so the others still convert; a single series that fails raises.
+    warning; an unreadable file or series is reported and the others still convert, then
+    ``ConversionFailures`` lists them all. A single series that fails raises. An existing output is
+    kept (a rerun converts only what is missing) unless ``overwrite``.
     """
     folder, uid = split_series_path(src)
+    unreadable: list[str] = []
     if uid is not None:
         groups = {uid: _select(src)[1]}
     elif folder.is_dir():
-        groups = _headers(folder, recursive=True)
+        groups = _headers(folder, recursive=True, unreadable=unreadable)
     else:
         raise FileNotFoundError(f"DICOM source {folder} does not exist")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, kept = [], 0
     for series_uid, slices in groups.items():
         where = f"{slices[0][0].parent}" + (f"{SERIES_SEPARATOR}{series_uid}" if len(groups) > 1 else "")
         try:
-            written.append(_convert(where, series_uid, slices, out_dir))
-        except (SeriesGeometryError, DicomReadError) as error:
-            if len(groups) == 1:
+            target = _convert(where, series_uid, slices, out_dir, overwrite)
+        except SeriesGeometryError as error:
+            if len(groups) == 1 and not unreadable:
                 raise
             logger.warning("skipped series (%s): %s", _describe(slices), error)
-    if not written:
+            continue
+        except DicomReadError as error:
+            if len(groups) == 1 and not unreadable:
+                raise
+            unreadable.append(str(error))
+            continue
+        written += [target] if target else []
+        kept += target is None
+    if unreadable:
+        raise ConversionFailures(unreadable, written)
+    if not written and not kept:
         raise ValueError(f"{folder}: no DICOM image series found to convert")
     return written
 
@@ -325,9 +375,20 @@ def add_dicom2nifti_command(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser("dicom2nifti", help="convert DICOM series to NIfTI with JSON sidecars")
     command.add_argument("src", metavar="SRC", help="a series folder, FOLDER#SeriesInstanceUID, or a tree")
     command.add_argument("out", metavar="OUT", help="output folder")
+    command.add_argument(
+        "--overwrite", action="store_true", help="replace outputs that exist (default: keep)"
+    )
     command.set_defaults(func=_dicom2nifti_command)
 
 
-def _dicom2nifti_command(args: argparse.Namespace) -> None:
-    for path in dicom_to_nifti(args.src, args.out):
+def _dicom2nifti_command(args: argparse.Namespace) -> int:
+    """Prints what was written, also when some series failed; then the failures, and exit status 1."""
+    try:
+        written, failures = dicom_to_nifti(args.src, args.out, args.overwrite), None
+    except ConversionFailures as error:
+        written, failures = error.written, error
+    for path in written:
         print(path)
+    if failures:
+        print(f"medseg: error: {failures}", file=sys.stderr)
+    return 1 if failures else 0

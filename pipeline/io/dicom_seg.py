@@ -64,8 +64,10 @@ def write_dicom_seg(
     algorithm_name: str = "medseg-pipeline",
     algorithm_version: str = PACKAGE_VERSION,
     series_description: str = "Segmentation",
+    series_uid: str | None = None,
 ) -> Path:
     """Write ``seg_nifti`` as a BINARY SEG referencing the series in ``series_dir``; returns ``out_path``.
+    ``series_uid`` picks one series of a folder holding several (a ``folder#uid`` input).
 
     One segment per foreground label present on the source frames, numbered 1..N in label order
     (DICOM wants consecutive segment numbers); each keeps its name as SegmentLabel and its label
@@ -73,7 +75,7 @@ def write_dicom_seg(
     requires for it to file under the same study; nothing identifying is logged.
     """
     series_dir, out_path = Path(series_dir), Path(out_path)
-    source = _read_series(series_dir, exclude=out_path)
+    source = _read_series(series_dir, exclude=out_path, series_uid=series_uid)
     labels, vox_from_lps, label_source = _load_labels(seg_nifti)
     frames = _resample_onto(source, labels, vox_from_lps, f"{label_source} onto {series_dir}")
     values = [int(v) for v in np.unique(frames) if v != 0]
@@ -108,8 +110,9 @@ def write_dicom_seg(
     return out_path
 
 
-def _read_series(series_dir: Path, exclude: Path) -> list[Dataset]:
-    """Headers of the one single-frame image series in the folder, sorted along the slice normal.
+def _read_series(series_dir: Path, exclude: Path, series_uid: str | None = None) -> list[Dataset]:
+    """Headers of the one single-frame image series in the folder (or the one ``series_uid`` names),
+    sorted along the slice normal.
 
     Files that are not DICOM or carry no plane geometry (DICOMDIR, notes) are skipped; a second
     series is refused rather than guessed at, since a SEG references exactly one.
@@ -128,6 +131,10 @@ def _read_series(series_dir: Path, exclude: Path) -> list[Dataset]:
             for key in TYPE2_COPIED:  # often absent from real files; empty is what DICOM allows
                 header.setdefault(key, None)
             by_series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((path, header))
+    if series_uid is not None:
+        if series_uid not in by_series:
+            raise DicomSegError(f"{series_dir} holds no image series {series_uid}")
+        by_series = {series_uid: by_series[series_uid]}
     if len(by_series) != 1:
         found = "; ".join(f"{uid}: {len(v)} files, e.g. {v[0][0].name}" for uid, v in by_series.items())
         raise DicomSegError(
@@ -228,10 +235,12 @@ def _relabel(frames: np.ndarray, values: list[int]) -> np.ndarray:
 def _describe(
     number: int, value: int, name: str, algorithm: hd.AlgorithmIdentificationSequence
 ) -> hd.seg.SegmentDescription:
-    """A generic anatomical-structure segment: the name is free text, not a coded organ."""
+    """A generic anatomical-structure segment: the name is free text, not a coded organ. SegmentLabel
+    (LO) holds at most 64 characters and no backslash, DICOM's value separator, which would split
+    "left\\right" into two values; SegmentDescription (ST) keeps the name whole."""
     description = hd.seg.SegmentDescription(
         segment_number=number,
-        segment_label=name[:64],
+        segment_label=name.replace("\\", "/")[:64],
         segmented_property_category=codes.SCT.AnatomicalStructure,
         segmented_property_type=codes.SCT.Organ,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,

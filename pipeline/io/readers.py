@@ -13,16 +13,18 @@ replaced by PydicomReader loading the broken folder. Errors from ``get_data`` re
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from pathlib import Path
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePath
 
 import numpy as np
 import SimpleITK as sitk
 from monai.data import ImageReader, NibabelReader
 from monai.data.folder_layout import default_name_formatter
 from monai.data.utils import orientation_ras_lps
-from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys, ensure_tuple
 
+from pipeline.data.layouts import case_name
 from pipeline.io.dicom import is_series_path, read_series, split_series_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -83,16 +85,113 @@ class NiftiOrDicomReader(ImageReader):
         return (arrays[0] if len(arrays) == 1 else np.stack(arrays)), meta
 
 
-def series_name_formatter(metadict: dict, saver: object) -> dict:
-    """SaveImaged's ``output_name_formatter``: MONAI's default, with DICOM series paths kept whole.
+CASE_SUFFIX = ".case"  # a stand-in extension: MONAI's FolderLayout drops the subject's last suffix
 
-    MONAI takes the subject's last dotted part for an extension and drops it, so a series folder
-    named by its UID (``1.2.840.1.7``) or a ``folder#uid`` path would lose its last UID component
-    and sibling series would overwrite each other's outputs. A series gets ``<folder>[_<uid hash>]``.
+
+def base_name(image: str | Path) -> str:
+    """A case's name from its own file or series alone: the file name without its image extension;
+    a series ``<folder>[_<uid hash>]`` (a UID's dots are no extension, and ``folder#uid`` series of one
+    folder must differ)."""
+    if is_series_path(image):
+        folder, uid = split_series_path(image)
+        return folder.name + (f"_{hashlib.sha256(uid.encode()).hexdigest()[:8]}" if uid else "")
+    name = case_name(PurePath(str(image)))
+    if name == PurePath(str(image)).name:  # not an image suffix we know: MONAI's rule, one suffix
+        stem, suffix = os.path.splitext(name)
+        name = os.path.splitext(stem)[0] if suffix == ".gz" else stem
+    return name
+
+
+def name_clashes(images: Sequence[str | Path | Sequence[str | Path]]) -> tuple[list[str], list[str]]:
+    """Each case's output name, unique within ``images``, and the problems that prevent it.
+
+    The name is ``base_name`` when no other case has it (so most outputs keep their plain names);
+    cases sharing one get the shortest parent path that tells them apart, joined by ``_``
+    (``p1/imaging.nii.gz`` and ``p2/imaging.nii.gz``: ``p1_imaging`` and ``p2_imaging``). One input
+    given twice, or names that still clash, are problems: one output would hold another case.
+    A case of one file per channel is named by its first, as MONAI does.
+    """
+    images = [_first(image) for image in images]
+    paths = [split_series_path(_lookup_key(image))[0] for image in images]  # links kept: names are the user's
+    names = [base_name(image) for image in images]
+    problems, inputs = [], {}
+    for index, image in enumerate(images):
+        key = (paths[index].resolve(), split_series_path(image)[1])  # two spellings or a link: one input
+        if key in inputs:
+            problems.append(f"{images[inputs[key]]} and {image} are the same input")
+        inputs.setdefault(key, index)
+    groups: dict[str, list[int]] = {}
+    for index in inputs.values():  # regardless of case: macOS and Windows file systems ignore it
+        groups.setdefault(names[index].lower(), []).append(index)
+    for group in (g for g in groups.values() if len(g) > 1):
+        parents = {i: paths[i].parent.parts[1:] for i in group}  # the root is no name
+        for depth in range(1, max(len(p) for p in parents.values()) + 1):
+            named = {i: "_".join((*parents[i][-depth:], names[i])) for i in group}
+            if len(set(named.values())) == len(group):
+                break
+        else:  # no parent tells them apart (a.nii and a.nii.gz in one folder): the clash is reported
+            continue
+        for index, name in named.items():
+            names[index] = name
+    first: dict[str, int] = {}
+    for index in inputs.values():
+        name = names[index].lower()
+        if name in first:
+            clash = f"{images[first[name]]} and {images[index]}"
+            problems.append(f"{clash} would both be written as {names[index]}: rename one")
+        first.setdefault(name, index)
+    return names, problems
+
+
+def output_names(images: Sequence[str | Path | Sequence[str | Path]]) -> list[str]:
+    """``name_clashes``'s names; its problems raise, before any work, naming the inputs."""
+    names, problems = name_clashes(images)
+    if problems:
+        raise ValueError("inputs without an output name of their own: " + "; ".join(problems))
+    return names
+
+
+def _lookup_key(image: str | Path) -> str:
+    """The same string for a data entry's path and the ``filename_or_obj`` LoadImage made of it."""
+    return os.path.abspath(os.path.expanduser(str(image)))
+
+
+def _first(image: str | Path | Sequence[str | Path]) -> str | Path:
+    """The file MONAI names a multi-file (one file per channel) case by."""
+    return image if isinstance(image, (str, Path)) else image[0]
+
+
+def series_name_formatter(metadict: dict, saver: object) -> dict:
+    """SaveImaged's ``output_name_formatter`` for one case on its own: ``base_name`` of its input.
+
+    MONAI's default takes the subject's last dotted part for an extension and drops it, so a series
+    folder named by its UID (``1.2.840.1.7``) or a ``folder#uid`` path would lose its last UID
+    component and sibling series would overwrite each other's outputs.
     """
     names = default_name_formatter(metadict, saver)
-    if is_series_path(names["subject"]):
-        folder, uid = split_series_path(names["subject"])
-        tail = f"_{hashlib.sha256(uid.encode()).hexdigest()[:8]}" if uid else ""
-        names["subject"] = str(Path(folder).parent / f"{folder.name}{tail}.series")  # suffix dropped by MONAI
+    if metadict and metadict.get(ImageMetaKey.FILENAME_OR_OBJ):
+        names["subject"] = base_name(names["subject"]) + CASE_SUFFIX
     return names
+
+
+class OutputNameFormatter:
+    """SaveImaged's ``output_name_formatter`` for a batch: each case gets its ``output_names`` name.
+
+    Name it as ``$pipeline.io.readers.OutputNameFormatter(@data)``. An entry's ``case_name`` (set by
+    ``cases_to_segment`` for the whole batch, of which a rerun may see a part) wins; entries without
+    one are named together. A file not in ``cases`` gets ``series_name_formatter``'s name.
+    """
+
+    def __init__(self, cases: Sequence[Mapping]) -> None:
+        names = [case.get("case_name") for case in cases]
+        if None in names:
+            names = output_names([case["image"] for case in cases])
+        images = [_first(case["image"]) for case in cases]
+        self.names = {_lookup_key(image): str(name) for image, name in zip(images, names, strict=True)}
+
+    def __call__(self, metadict: dict, saver: object) -> dict:
+        names = series_name_formatter(metadict, saver)
+        source = (metadict or {}).get(ImageMetaKey.FILENAME_OR_OBJ)
+        if source and _lookup_key(source) in self.names:
+            names["subject"] = self.names[_lookup_key(source)] + CASE_SUFFIX
+        return names

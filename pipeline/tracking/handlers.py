@@ -17,11 +17,13 @@ again on resume; its steps are then already in MLflow and are not sent twice.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,16 +31,37 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
 from monai.handlers import MLFlowHandler
 from monai.utils import flatten_dict
 
-from pipeline.tracking.store import TrackingUnavailable
+from pipeline.tracking.safe import (
+    case_label,
+    dataset_root,
+    filter_value,
+    metric_name,
+    public_uri,
+    redact_config,
+)
+from pipeline.tracking.store import TrackingUnavailable, run_folder_id
 
 logger = logging.getLogger(__name__)
 
 _LOST_URIS: set[str] = set()  # servers already reported lost in this process: report once
 _STARTED_URIS: set[str] = set()  # servers a run of this process has started on
+# Live validation trackers, so that the training's tracker can have the last overlays drawn at its end
+_VALIDATION_TRACKERS: weakref.WeakSet[ValidationTracker] = weakref.WeakSet()
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+FOLDER_TAG = "run_folder"  # the random identity of the folder a run writes to (never its path)
+
+
+def refused(error: Exception) -> bool:
+    """Whether the server answered and refused this one request (a bad name or value, HTTP 4xx):
+    other requests still succeed, so this is no lost server. Connection errors carry no such code."""
+    if not isinstance(error, MlflowException):
+        return False
+    status = error.get_http_status_code()
+    return 400 <= status < 500 and status != 429
 
 
 class RunTracker(MLFlowHandler):
@@ -53,14 +76,16 @@ class RunTracker(MLFlowHandler):
         required: bool = True,
         log_epoch_time: bool = False,
         config_dir: str | None = None,
+        run_folder: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.tags = dict(tags or {})
         self.config_dir = config_dir
+        self.run_folder = run_folder
         self.required = required
         self.log_epoch_time = log_epoch_time
-        self._logged_params: set[str] | None = None
+        self._logged_params: dict[str, str] | None = None
         self._pending: list[Metric] = []
         self._last_steps: dict[str, float] | None = None  # per metric, the last step the run holds
         self._interrupted = False
@@ -68,6 +93,10 @@ class RunTracker(MLFlowHandler):
     @property
     def uri(self) -> str:
         return str(self.client.tracking_uri)
+
+    @property
+    def run_id(self) -> str | None:
+        return None if self.cur_run is None else self.cur_run.info.run_id
 
     @property
     def lost(self) -> bool:
@@ -112,35 +141,56 @@ class RunTracker(MLFlowHandler):
             if self.config_dir
             else []
         )
-        if saved:
-            self.client.log_artifact(self.cur_run.info.run_id, str(saved[-1]), artifact_path="config")
+        if not saved:
+            return
+        config = json.loads(saved[-1].read_text())
+        with tempfile.TemporaryDirectory() as folder:
+            public = Path(folder) / saved[-1].name  # the original stays on disk for the user
+            public.write_text(json.dumps(redact_config(config, dataset_root(config)), indent=4))
+            self.client.log_artifact(self.cur_run.info.run_id, str(public), artifact_path="config")
 
     def _reopen_named_run(self) -> None:
-        """Continue the run of this name, even a finished one: a resumed training is the same run."""
+        """Continue the run of this name written from this run folder, even a finished one: a resumed
+        training is the same run. A run of that name from another folder is another run (MLflow
+        allows repeated names), so a new one is created, tagged with this folder's identity."""
         if self.cur_run is not None or not self.run_name:
             return
-        runs = self.client.search_runs(
-            [self.experiment.experiment_id], f"attributes.run_name = '{self.run_name}'", max_results=1
-        )
+        folder = run_folder_id(self.run_folder) if self.run_folder else None
+        if folder is None:
+            query = f"attributes.run_name = {filter_value(self.run_name)}"
+        else:
+            query = f"tags.{FOLDER_TAG} = {filter_value(folder)}"
+        runs = self.client.search_runs([self.experiment.experiment_id], query)
+        runs = [run for run in runs if run.info.run_name == self.run_name]
         if runs:
             self.cur_run = runs[0]
             if runs[0].info.status != "RUNNING":
                 self.client.update_run(runs[0].info.run_id, status="RUNNING")
-        else:
-            self._last_steps = {}  # a new run holds nothing: no need to ask
+            return
+        tags = {FOLDER_TAG: folder} if folder else None
+        experiment = self.experiment.experiment_id
+        self.cur_run = self.client.create_run(experiment, run_name=self.run_name, tags=tags)
+        self._last_steps = {}  # a new run holds nothing: no need to ask
 
     def _log_params(self, params: dict[str, Any]) -> None:
+        """MLflow keeps a param's first value: a resumed run's changed one (more epochs, another
+        learning rate) is recorded as the tag ``changed.<param>`` = ``old -> new``."""
+        run_id = self.cur_run.info.run_id
         if self._logged_params is None:
-            self._logged_params = set(self.client.get_run(self.cur_run.info.run_id).data.params)
+            self._logged_params = dict(self.client.get_run(run_id).data.params)
+        for key, value in params.items():
+            if self._logged_params.get(key, str(value)) != str(value):
+                self.client.set_tag(run_id, f"changed.{key}", f"{self._logged_params[key]} -> {value}")
         fresh = {key: value for key, value in params.items() if key not in self._logged_params}
         if fresh:
             super()._log_params(fresh)
-            self._logged_params |= set(fresh)
+            self._logged_params |= {key: str(value) for key, value in fresh.items()}
 
     def _log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Buffered until ``flush``; a buffer as large as one MLflow batch is sent at once."""
         timestamp = int(time.time() * 1000)
-        self._pending += [Metric(k, v, timestamp, step or 0) for k, v in flatten_dict(metrics).items()]
+        flat = flatten_dict(metrics).items()
+        self._pending += [Metric(metric_name(str(k)), v, timestamp, step or 0) for k, v in flat]
         if len(self._pending) >= MAX_BATCH:
             self.flush()
 
@@ -187,7 +237,12 @@ class RunTracker(MLFlowHandler):
         self._safely(super().complete)
 
     def close(self) -> None:
-        """An interrupted run ends KILLED: MLflow's word for a run stopped before its end."""
+        """The run's end (``close_on_complete``: the trainer's, not the validator's): the validation
+        trackers of this run draw their last overlays first. An interrupted run ends KILLED: MLflow's
+        word for a run stopped before its end."""
+        for tracker in list(_VALIDATION_TRACKERS):
+            if tracker is not self and tracker.run_id is not None and tracker.run_id == self.run_id:
+                tracker.draw_last_overlays()
         self._safely(self.flush)
         if self._interrupted:
             self.run_finish_status = RunStatus.to_string(RunStatus.KILLED)
@@ -202,18 +257,25 @@ class RunTracker(MLFlowHandler):
             self._give_up(error, "during the run")
 
     def _give_up(self, error: Exception, when: str) -> None:
+        if refused(error) and self.cur_run is not None:
+            logger.warning(
+                "MLflow tracking at %s refused a request %s (%s: %s); tracking goes on",
+                public_uri(self.uri), when, type(error).__name__, error,
+            )  # fmt: skip
+            return
         self._pending.clear()
         if not self.lost:
             _LOST_URIS.add(self.uri)
             logger.warning(
                 "MLflow tracking at %s lost %s (%s: %s); the run goes on and checkpoints are still written, "
                 "but nothing more is tracked in this process",
-                self.uri, when, type(error).__name__, error,
+                public_uri(self.uri), when, type(error).__name__, error,
             )  # fmt: skip
 
 
 class ValidationTracker(RunTracker):
-    """Per-class metrics under label names, the best value, per-case table and overlays."""
+    """Per-class metrics under label names, the best value, per-case table and overlays (at the first
+    validation, every ``overlay_every`` validations, and at the training's last: see ``complete``)."""
 
     tags_resumption = False  # a validator starts at the trainer's epoch: it cannot tell
 
@@ -232,6 +294,9 @@ class ValidationTracker(RunTracker):
         self.validations = 0
         self._examples: list[dict[str, torch.Tensor]] = []
         self._case_names: list[str] = []
+        self._step = 0  # the epoch of the last validation
+        self._drawn_step: int | None = None  # the epoch whose overlays were drawn last
+        _VALIDATION_TRACKERS.add(self)
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
@@ -244,7 +309,7 @@ class ValidationTracker(RunTracker):
 
     def _keep_examples(self, engine: Engine) -> None:
         for item, output in zip(engine.state.batch, engine.state.output, strict=False):
-            self._case_names.append(Path(str(item["image"].meta.get("filename_or_obj", "?"))).name)
+            self._case_names.append(case_label(str(item["image"].meta.get("filename_or_obj", "?"))))
             if len(self._examples) < self.overlay_cases:
                 keep = {"image": item["image"], "label": output["label"], "pred": output["pred"]}
                 self._examples.append({key: value.detach().cpu() for key, value in keep.items()})
@@ -263,14 +328,23 @@ class ValidationTracker(RunTracker):
             **column_means(table),
         }
         self._log_metrics(metrics, step=step)
+        self._step = step
         with tempfile.TemporaryDirectory() as folder:
             self._log_file(write_table(table, Path(folder) / "per_case_last_validation.csv"), "validation")
-            if self.validations % self.overlay_every == 0:
-                for index, example in enumerate(self._examples):
-                    png = draw_example(
-                        example, self.label_names, Path(folder) / f"case{index}_epoch{step:04d}.png"
-                    )
-                    self._log_file(png, "overlays")
+        if self.validations == 1 or self.validations % self.overlay_every == 0:
+            self._draw_overlays()
+
+    def draw_last_overlays(self) -> None:
+        """The last validation's overlays, unless drawn already: a short training has its picture."""
+        if self._examples and self._drawn_step != self._step:
+            self._safely(self._draw_overlays)
+
+    def _draw_overlays(self) -> None:
+        self._drawn_step = self._step
+        with tempfile.TemporaryDirectory() as folder:
+            for index, example in enumerate(self._examples):
+                png = Path(folder) / f"case{index}_epoch{self._step:04d}.png"
+                self._log_file(draw_example(example, self.label_names, png), "overlays")
 
     def _log_file(self, path: Path, folder: str) -> None:
         self.client.log_artifact(self.cur_run.info.run_id, str(path), artifact_path=folder)

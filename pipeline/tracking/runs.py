@@ -7,14 +7,16 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from pipeline.tracking.safe import filter_value
 from pipeline.tracking.store import default_tracking_uri
 
 
 def find_run_id(client: MlflowClient, experiment_name: str, run_name: str) -> str:
+    """The newest run of that name (a name can repeat across run folders: see ``RunTracker``)."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise ValueError(f"MLflow experiment {experiment_name!r} does not exist at {client.tracking_uri}")
-    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{run_name}'")
+    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = {filter_value(run_name)}")
     if not runs:
         raise ValueError(f"no MLflow run named {run_name!r} in experiment {experiment_name!r}")
     return runs[0].info.run_id

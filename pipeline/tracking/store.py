@@ -81,6 +81,24 @@ def training_run_name(ckpt_dir: str | Path, prefix: str) -> str:
     return name
 
 
+FOLDER_ID_FILE = "mlflow_run_folder_id.txt"
+
+
+def run_folder_id(folder: str | Path) -> str:
+    """A random identity of a run folder, kept in it: a run is tagged with it (never with the path),
+    so a run name is reopened only by the folder that created it."""
+    path = Path(folder) / FOLDER_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    from pipeline.io.atomic import atomic_write
+
+    identity = secrets.token_hex(8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as handle:
+        handle.write((identity + "\n").encode())
+    return identity
+
+
 def training_run_of(checkpoint: str | Path) -> str:
     """The training run that produced a checkpoint, for linking evaluation and inference runs to it."""
     path = Path(checkpoint).parent / RUN_NAME_FILE

@@ -5,6 +5,11 @@ A second signal aborts at once: the first one gives the signals back to the oper
 default action, so even a long operation inside the network cannot delay it (the checkpoint on
 disk is the previous complete one; atomic writes never leave half a file under its name).
 
+A scheduler (``timeout``, SLURM, Kubernetes, ``docker stop``) and a terminal's Ctrl-C signal the
+whole process group, DataLoader workers included: a worker that died of it would end the run with
+"DataLoader worker is killed by signal" before the checkpoint. Workers therefore ignore both
+(``worker_init_fn``) and leave the stop to the main process.
+
 Only the only process of a run listens: under torchrun the ranks would have to agree on the
 iteration to stop at, so a multi-GPU run keeps the default (it resumes from its last epoch).
 """
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from monai.data.utils import worker_init_fn as seed_worker
 
 from pipeline.training.distributed import is_distributed
 
@@ -97,3 +104,12 @@ class SignalStop:
             "(send it again to abort at once, losing the epoch)",
             signal.Signals(signum).name,
         )
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """A DataLoader worker's start: MONAI's seeding of its random transforms, and SIGINT/SIGTERM
+    ignored, so that a signal to the process group stops the run through the main process only (the
+    worker still ends with it: PyTorch's workers exit when their parent is gone or done)."""
+    seed_worker(worker_id)
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)

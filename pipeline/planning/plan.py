@@ -1,0 +1,347 @@
+"""A plan: the rules' results as bundle config keys, written as ``plan.yaml``, a ``--config_file`` layer.
+
+``plan.yaml`` holds only keys the bundle configs already read (``spacing``, ``patch_size``,
+``batch_size``, normalisation keys, the bundle's network arguments), each with a comment naming the
+rule and the fingerprint figures it came from. It composes after the shared workflow files and the
+bundle's ``model.yaml``, so ``python -m monai.bundle run`` uses it exactly as ``medseg`` does, and a
+user edits it or overrides its keys on the command line as any other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from pipeline.io.atomic import atomic_write
+from pipeline.planning import rules
+from pipeline.planning.fingerprint import Fingerprint, fingerprint
+
+logger = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.yaml"
+# Networks of fixed depth: the patch must be divisible by their total down-sampling (BasicUNet and
+# MultiResUNet: four 2x poolings; UNETR: 16^3 ViT patches). The others take strides from the plan.
+FIXED_DIVISOR = {"unet3d": (16, 16, 16), "multiresunet": (16, 16, 16), "unetr": (16, 16, 16)}
+NETWORK_KEYS = {"unet3d": ("features",), "multiresunet": ("features",), "resunet": ("channels", "strides"),
+                "attention_unet": ("channels", "strides"), "unetr": ()}  # fmt: skip
+REFERENCE_PATCH = (32, 32, 32)  # the memory probe's size; larger patches are scaled from it
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The typed view of a plan: ``plan.patch_size`` rather than dict indexing."""
+
+    spacing: tuple[float, ...]
+    patch_size: tuple[int, ...]
+    batch_size: int
+    num_workers: int
+    rotate90_axes: tuple[int, ...]
+    rotate90_prob: float
+    zscore_nonzero: bool = True
+    ct_clip: list | None = None
+    ct_mean: float | list | None = None
+    ct_std: float | list | None = None
+    network: dict[str, Any] = field(default_factory=dict)  # the bundle's own network keys
+    time_budget_minutes: float | None = None
+    recommend_2d: bool = False
+    reasons: dict[str, str] = field(default_factory=dict, compare=False)
+    notes: tuple[str, ...] = field(default=(), compare=False)  # header lines: bundle, 2D, expected steps
+
+    def config(self) -> dict[str, Any]:
+        """The config keys, as the bundles read them (lists, not tuples)."""
+        keys: dict[str, Any] = {
+            "spacing": list(self.spacing),
+            "patch_size": list(self.patch_size),
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "rotate90_axes": list(self.rotate90_axes),
+            "rotate90_prob": self.rotate90_prob,
+            "zscore_nonzero": self.zscore_nonzero,
+        }
+        if self.ct_clip is not None:
+            keys.update(ct_clip=self.ct_clip, ct_mean=self.ct_mean, ct_std=self.ct_std)
+        if self.time_budget_minutes is not None:
+            keys["time_budget_minutes"] = self.time_budget_minutes
+        return {**keys, **self.network}
+
+    def to_yaml(self) -> str:
+        """YAML text with one comment per value (written by hand: PyYAML drops comments)."""
+        lines = [f"# {note}" for note in self.notes]
+        for key, value in self.config().items():
+            reason = self.reasons.get(key, "")
+            lines.append(f"{key}: {_yaml(value)}" + (f"  # {reason}" if reason else ""))
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def from_config(keys: dict[str, Any]) -> Plan:
+        """The typed view of plan keys (a ``plan.yaml`` read back, or a config's resolved keys)."""
+        known = {"spacing", "patch_size", "batch_size", "num_workers", "rotate90_axes", "rotate90_prob",
+                 "zscore_nonzero", "ct_clip", "ct_mean", "ct_std", "time_budget_minutes"}  # fmt: skip
+        missing = {"spacing", "patch_size", "batch_size"} - set(keys)
+        if missing:
+            raise ValueError(f"plan lacks {', '.join(sorted(missing))}")
+        values = {k: v for k, v in keys.items() if k in known}
+        return Plan(
+            **{
+                **values,
+                "spacing": tuple(float(s) for s in keys["spacing"]),
+                "patch_size": tuple(int(s) for s in keys["patch_size"]),
+                "rotate90_axes": tuple(keys.get("rotate90_axes", (0, 1))),
+                "rotate90_prob": float(keys.get("rotate90_prob", 0.2)),
+                "num_workers": int(keys.get("num_workers", 0)),
+            },
+            network={k: v for k, v in keys.items() if k not in known},
+        )
+
+
+def read_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"plan {path} does not exist")
+    try:
+        keys = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"plan {path} is not valid YAML: {error}") from None
+    if not isinstance(keys, dict):
+        raise ValueError(f"plan {path} holds no config keys")
+    try:
+        return Plan.from_config(keys)
+    except ValueError as error:
+        raise ValueError(f"plan {path}: {error}") from None
+
+
+def write_plan(plan: Plan, path: str | Path) -> Path:
+    with atomic_write(path) as handle:
+        handle.write(plan.to_yaml().encode())
+    return Path(path)
+
+
+def make_plan(
+    fp: Fingerprint,
+    bundle: str,
+    device: rules.Device,
+    minutes: float | None = None,
+    step_bytes: Callable[[tuple[int, ...], int, dict], int] | None = None,
+) -> Plan:
+    """The plan of ``bundle`` for the fingerprinted data on ``device``.
+
+    ``step_bytes(patch, batch, network_keys)`` is the memory of one training step; by default a real
+    probe of the bundle's network (``StepProbe``).
+    """
+    spacing, _, spacing_why = rules.target_spacing(fp)
+    two_d = rules.recommend_2d(fp, spacing)
+    median = rules.median_shape(fp, spacing)
+    fixed = FIXED_DIVISOR.get(bundle)
+    probe = StepProbe(bundle, len(fp.modalities), len(fp.labels)) if step_bytes is None else None
+    measure = step_bytes or probe.bytes
+    budget = device.budget_bytes
+
+    def network_for(patch: tuple[int, ...]) -> dict:
+        topo = None if fixed else rules.topology(patch, spacing)
+        return network_keys(bundle, topo, base_width(bundle))
+
+    patch, topo, patch_why = rules.patch_size(
+        median, spacing, lambda p: measure(p, rules.MIN_BATCH, network_for(p)) <= budget, fixed
+    )
+    network = network_keys(bundle, topo, base_width(bundle))
+    batch, batch_why = rules.batch_size(
+        fp, patch, spacing, device, lambda b: measure(patch, b, network) <= budget
+    )
+    axes, prob, rotate_why = rules.rotate90(patch)
+    workers, workers_why = rules.num_workers(device)
+    norms = rules.normalisation(fp)
+    reasons = {
+        "spacing": f"target spacing: {spacing_why}",
+        "patch_size": f"patch: {patch_why}",
+        "batch_size": f"batch: {batch_why}",
+        "num_workers": f"workers: {workers_why}",
+        "rotate90_axes": f"augmentation: {rotate_why}",
+        "rotate90_prob": f"augmentation: {rotate_why}",
+        "zscore_nonzero": "normalisation: " + "; ".join(n.reason for n in norms),
+        **{key: f"network: {network_why(bundle, key, topo, patch)}" for key in network},
+    }
+    ct = [n for n in norms if n.scheme == "ct"]
+    clip = mean = std = None
+    if ct:
+        single = len(ct) == 1
+        clip = _round(list(ct[0].clip) if single else [list(n.clip) for n in ct])
+        mean = _round(ct[0].mean if single else [n.mean for n in ct])
+        std = _round(ct[0].std if single else [n.std for n in ct])
+        for key in ("ct_clip", "ct_mean", "ct_std"):
+            reasons[key] = "CT normalisation: " + "; ".join(n.reason for n in ct)
+    notes = [
+        f"plan.yaml for bundle {bundle} from {len(fp.cases)} labelled cases (medseg plan): compose it",
+        f"last, after the bundle's configs/model.yaml. Device: {device.kind}, {device.cores} cores, "
+        f"memory budget {budget / 2**30:.1f} GiB.",
+        f"2D recommended: {'yes' if two_d.value else 'no'} ({two_d.reason}); this plan is 3D.",
+    ]
+    if minutes is not None:
+        reasons["time_budget_minutes"] = "time budget: medseg plan --minutes"
+    return Plan(
+        spacing=tuple(_round(list(spacing))),
+        patch_size=patch,
+        batch_size=batch,
+        num_workers=workers,
+        rotate90_axes=tuple(axes),
+        rotate90_prob=prob,
+        zscore_nonzero=all(n.nonzero for n in norms if n.scheme == "zscore"),
+        ct_clip=clip,
+        ct_mean=mean,
+        ct_std=std,
+        network=network,
+        time_budget_minutes=minutes,
+        recommend_2d=bool(two_d.value),
+        reasons=reasons,
+        notes=tuple(notes),
+    )
+
+
+def base_width(bundle: str) -> int:
+    """The bundle's own first-level width (its model.yaml): the plan shapes depth, not width."""
+    from pipeline.workflows import bundle_dir
+
+    model = yaml.safe_load((bundle_dir(bundle) / "configs" / "model.yaml").read_text())
+    widths = model.get("features") or model.get("channels") or [32]
+    return int(widths[0])
+
+
+def network_keys(bundle: str, topo: rules.Topology | None, base: int) -> dict[str, Any]:
+    """The bundle's network keys (model.yaml's own names for network_def's arguments)."""
+    if bundle in ("unet3d", "multiresunet"):
+        widths = rules.features(4, base)
+        return {"features": [*widths, widths[0]] if bundle == "unet3d" else widths}
+    if bundle in ("resunet", "attention_unet") and topo is not None:
+        return {
+            "channels": rules.features(topo.poolings, base),
+            "strides": [list(s) for s in topo.strides[1:]],
+        }
+    return {}
+
+
+def network_why(bundle: str, key: str, topo: rules.Topology | None, patch: Sequence[int]) -> str:
+    if key == "strides" and topo is not None:
+        return f"{topo.poolings} down-samplings of patch {'x'.join(map(str, patch))}, per-axis strides"
+    return f"{key}: the bundle's base width doubling per level, capped at 320"
+
+
+class StepProbe:
+    """Memory of one training step of a bundle's network: one real forward/backward at a reference
+    patch, scaled linearly in voxels and batch (activations are), weights and gradients fixed."""
+
+    def __init__(self, bundle: str, in_channels: int, num_classes: int, device: str | None = None) -> None:
+        self.bundle, self.in_channels, self.num_classes = bundle, in_channels, num_classes
+        self.device = device
+        self.measured: dict[str, tuple[int, float]] = {}
+        self.seconds_per_voxel = 0.0
+
+    def network(self, patch: Sequence[int], keys: dict):
+        from monai.bundle import ConfigParser
+
+        from pipeline.workflows import config_files
+
+        parser = ConfigParser()
+        parser.read_config(config_files(self.bundle, "train"))
+        parser.update({"in_channels": self.in_channels, "num_classes": self.num_classes,
+                       "patch_size": list(patch), **keys})  # fmt: skip
+        return parser.get_parsed_content("network_def")
+
+    def bytes(self, patch: Sequence[int], batch: int, keys: dict) -> int:
+        import torch
+
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        signature = repr(sorted(keys.items()))
+        if signature not in self.measured:
+            reference = tuple(min(r, p) for r, p in zip(REFERENCE_PATCH, patch, strict=True))
+            if self.bundle in FIXED_DIVISOR:  # UNETR's ViT is built for the patch itself
+                reference = (
+                    tuple(patch) if self.bundle == "unetr" else rules.divisible(reference, (16, 16, 16))
+                )
+            network = self.network(reference, keys)
+            weights = 2 * sum(p.numel() * p.element_size() for p in network.parameters())  # + gradients
+            cost = rules.measure_step(network, reference, rules.MIN_BATCH, self.in_channels, device)
+            voxels = float(np.prod(reference)) * rules.MIN_BATCH
+            self.measured[signature] = (weights, max(cost.peak_bytes - weights, 0) / voxels)
+            self.seconds_per_voxel = cost.seconds / voxels
+        weights, per_voxel = self.measured[signature]
+        return int(weights + per_voxel * float(np.prod(patch)) * batch)
+
+
+def plan_datalist(
+    datalist: str | Path,
+    bundle: str = "unet3d",
+    minutes: float | None = None,
+    output: str | Path | None = None,
+    dataset_dir: str | Path | None = None,
+) -> tuple[Plan, Path]:
+    """Fingerprint, plan and write ``plan.yaml`` (beside the datalist unless ``output``)."""
+    from pipeline.workflows import bundle_dir
+
+    bundle_dir(bundle)  # an unknown bundle is refused before any reading
+    fp = fingerprint(datalist, dataset_dir)
+    plan = make_plan(fp, bundle, rules.Device.detect(), minutes)
+    path = write_plan(plan, output or Path(datalist).with_name(PLAN_FILE))
+    return plan, path
+
+
+def summary(plan: Plan) -> str:
+    """A few lines for the terminal: spacing, patch, batch, network and why."""
+    network = ", ".join(f"{k} {v}" for k, v in plan.network.items()) or "the bundle's own"
+    lines = [
+        f"spacing {plan.spacing} mm   ({plan.reasons.get('spacing', '')})",
+        f"patch {list(plan.patch_size)}   ({plan.reasons.get('patch_size', '')})",
+        f"batch {plan.batch_size}, workers {plan.num_workers}   ({plan.reasons.get('batch_size', '')})",
+        f"network: {network}",
+        plan.reasons.get("zscore_nonzero", ""),
+    ]
+    return "\n".join(lines + [n for n in plan.notes if n.startswith("2D")])
+
+
+def add_plan_command(commands: argparse._SubParsersAction) -> None:
+    """``medseg plan DATALIST [--bundle B] [--minutes M] [-o plan.yaml]``."""
+    from pipeline.workflows import available_bundles
+
+    command = commands.add_parser("plan", help="fingerprint a datalist and write its plan.yaml")
+    command.add_argument("datalist", metavar="DATALIST")
+    command.add_argument("--bundle", default="unet3d", choices=available_bundles())
+    command.add_argument("--minutes", type=float, default=None, help="training time budget")
+    command.add_argument(
+        "-o", "--output", default=None, help="plan file (default: plan.yaml beside DATALIST)"
+    )
+    command.add_argument("--dataset-dir", default=None, help="folder the datalist's paths are relative to")
+    command.set_defaults(func=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    plan, path = plan_datalist(args.datalist, args.bundle, args.minutes, args.output, args.dataset_dir)
+    print(summary(plan))
+    print(f"wrote {path}")
+    return 0
+
+
+def _round(value: Any, digits: int = 6) -> Any:
+    """Floats at ``digits`` significant digits, so plan.yaml stays readable and stable."""
+    if isinstance(value, list):
+        return [_round(v, digits) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
+def _yaml(value: Any) -> str:
+    """A flow-style YAML scalar or list that ``yaml.safe_load`` reads back as the same value."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml(v) for v in value) + "]"
+    if isinstance(value, float):
+        return np.format_float_positional(value, trim="0")  # 1e-05 would read back as a string
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
