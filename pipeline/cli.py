@@ -20,6 +20,7 @@ from pipeline.inference.batch import CaseFailures
 from pipeline.io.atomic import DiskFullError
 from pipeline.io.checkpoint import CheckpointError
 from pipeline.io.dicom import add_dicom2nifti_command
+from pipeline.paths import WORKFLOW_FILES, run_options
 from pipeline.planning.plan import add_plan_command
 from pipeline.tracking.store import TrackingUnavailable
 from pipeline.training.interrupt import TrainingInterrupted
@@ -60,6 +61,8 @@ def _train(args: argparse.Namespace) -> None:
         overrides,
         nproc=args.nproc,
         check_data=not args.skip_check,
+        plan=not args.no_plan,
+        minutes=args.minutes,
     )
     print(f"checkpoints: {models}")
 
@@ -145,6 +148,13 @@ def _bundles(_: argparse.Namespace) -> None:
         print(f"{name:<16} {info['version']:<9} {info['parameters']:>12,}")
 
 
+def _config_files(args: argparse.Namespace) -> None:
+    """One option per line, each value one shell word: ``python -m monai.bundle run $(medseg config-files
+    unet3d train) --datalist ...`` runs what ``medseg train`` runs, from wherever the package is."""
+    options = run_options(args.bundle, args.workflow, args.tracking)
+    print("\n".join(f"--{key} {value}" for key, value in options.items()))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from pipeline.demo import run_demo
 
@@ -186,6 +196,12 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--output", default=None, help="run folder (default outputs/<bundle>)")
     train.add_argument("--nproc", type=int, default=1, help="processes (GPUs) under torchrun; Gloo on CPU")
     train.add_argument("--skip-check", action="store_true", help="do not check every case before training")
+    train.add_argument(
+        "--minutes", type=float, help="wall-clock training budget: the plan fits it (time_budget_minutes)"
+    )
+    train.add_argument(
+        "--no-plan", action="store_true", help="train on the bundle's defaults, with no plan from the data"
+    )
     train.set_defaults(func=_train)
 
     infer = commands.add_parser("infer", help="segment NIfTI files or folders")
@@ -248,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("bundles", help="list the bundles with their parameter counts")
     listing.set_defaults(func=_bundles)
+
+    files = commands.add_parser(
+        "config-files", help="print the options of `python -m monai.bundle run` for a bundle's workflow"
+    )
+    files.add_argument("bundle", metavar="NAME")
+    files.add_argument("workflow", choices=list(WORKFLOW_FILES))
+    files.add_argument("--no-tracking", dest="tracking", action="store_false", help="omit --tracking")
+    files.set_defaults(func=_config_files)
 
     demo = commands.add_parser("demo", help="prepare the sample data, train, infer, evaluate, track")
     demo.add_argument("--output", default="outputs/demo")

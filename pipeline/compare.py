@@ -59,6 +59,7 @@ class Comparison:
     tta: bool = True
     ensemble: bool = True
     state: dict[str, Any] = field(default_factory=dict)
+    plan: bool = True  # each bundle plans its run folder from the data, the machine and the minutes
 
     @property
     def state_path(self) -> Path:
@@ -195,6 +196,8 @@ def train_bundle(comparison: Comparison, bundle: str, fold: int, parent_id: str)
     }
     if comparison.minutes is not None:
         overrides["time_budget_minutes"] = comparison.minutes
+    if comparison.plan and fold:
+        share_plan(comparison.job_dir(bundle, 0), comparison.job_dir(bundle, fold))
     return run_job(
         comparison,
         f"{bundle}/fold{fold}/train",
@@ -205,7 +208,19 @@ def train_bundle(comparison: Comparison, bundle: str, fold: int, parent_id: str)
         epochs=comparison.epochs,
         overrides=overrides,
         check_data=False,
+        plan=comparison.plan,
+        minutes=comparison.minutes,
     )
+
+
+def share_plan(first: Path, other: Path) -> None:
+    """Plan once per bundle: the plan is made from every labelled case, so it is the same for each
+    fold, and a fold's run folder starts with fold 0's (a fold already begun keeps its own)."""
+    from pipeline.planning.plan import PLAN_FILE
+
+    if (first / PLAN_FILE).is_file() and not (other / PLAN_FILE).exists():
+        with atomic_write(other / PLAN_FILE) as handle:
+            handle.write((first / PLAN_FILE).read_bytes())
 
 
 def evaluate_bundle(
@@ -363,8 +378,10 @@ def compare(
     overrides: Mapping[str, Any] | None = None,
     tta: bool = True,
     ensemble: bool = True,
+    plan: bool = True,
 ) -> Path:
-    """Race the bundles; returns the leaderboard's Markdown file (an HTML twin lies beside it)."""
+    """Race the bundles; returns the leaderboard's Markdown file (an HTML twin lies beside it).
+    Each bundle is planned (``plan.yaml`` in its run folder, for ``minutes``) unless ``plan`` is False."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.data.datalist import dataset_name
@@ -380,7 +397,7 @@ def compare(
         bundle_dir(bundle)  # an unknown name fails now, not after hours of racing
     comparison = Comparison(
         Path(datalist).resolve(), Path(output_dir).resolve(), tuple(bundles), epochs, minutes, folds,
-        dict(overrides or {}), tta, ensemble,
+        dict(overrides or {}), tta, ensemble, plan=plan,
     )  # fmt: skip
     split = held_out_split(comparison.datalist, folds)
     roles = ("train", "validation", "test") if split == "test" else ("train", "validation")
@@ -435,6 +452,7 @@ def add_compare_command(commands: Any) -> None:
     command.add_argument("--output", default="outputs/compare", help="folder (rerun the command to resume)")
     command.add_argument("--no-tta", action="store_true", help="skip the rows with test-time mirroring")
     command.add_argument("--no-ensemble", action="store_true", help="skip the ensemble of the best two")
+    command.add_argument("--no-plan", action="store_true", help="race the bundles' defaults, unplanned")
     from pipeline.cli import add_tracking_options
 
     add_tracking_options(command)
@@ -455,6 +473,7 @@ def _compare_command(args: Any) -> None:
         overrides={**tracking_overrides(args), **parse_overrides(args.overrides)},
         tta=not args.no_tta,
         ensemble=not args.no_ensemble,
+        plan=not args.no_plan,
     )
     print(leaderboard.read_text())
     print(f"leaderboard: {leaderboard} (and {leaderboard.with_suffix('.html').name})")

@@ -34,12 +34,19 @@ from pipeline.io.checkpoint import (
 
 # Workflows shipped as overrides on another workflow's config, as the model zoo ships multi-GPU training.
 OVERLAYS = {"multi_gpu_train": "train"}
-FIXED = {"meta_file": "configs/metadata.json", "logging_file": "configs/logging.conf", "bundle_root": "."}
+FIXED = {
+    "meta_file": "configs/metadata.json",
+    "logging_file": "configs/logging.conf",
+    "bundle_root": ".",
+    "ckpt_dir": "models",  # the docs' run folder; an export ships its weights in models/
+}
 OPTION = re.compile(
-    r"""--(?P<option>config_file|meta_file|logging_file|bundle_root)(?P<sep>[ \t]+|=)"""
+    r"""--(?P<option>config_file|meta_file|logging_file|bundle_root|ckpt_dir)(?P<sep>[ \t]+|=)"""
     r"""(?P<value>"[^"\n]*"|'[^'\n]*'|[^\s"'`]+)"""
 )
 CODE = re.compile(r"```.*?```|`[^`\n]+`", re.DOTALL)
+# The docs' ``$(medseg config-files NAME WORKFLOW [--no-tracking])``: the installed bundle's files.
+CONFIG_FILES = re.compile(r"\$\(medseg config-files [\w-]+ (?P<workflow>\w+)(?P<flags>(?: --[\w-]+)*)\)")
 # A string that is an absolute path, or an expression passing a quoted absolute path as an argument.
 ABSOLUTE = re.compile(r"""^(?:/|~/|[A-Za-z]:[\\/]|\\\\)|[(\[,=]\s*['"](?:/|~/|[A-Za-z]:[\\/])""")
 # A path climbing out of the bundle folder (``../``), as a macro (``%../x.yaml::id``) or inside an expression.
@@ -251,7 +258,23 @@ def rewrite_commands(text: str) -> str:
             raise ValueError(f"docs command gives --config_file {value}, which is no workflow's file list")
         return f"--{option}{match['sep']}{table[files]}"
 
-    return CODE.sub(lambda code: OPTION.sub(replace, code[0]), text)
+    def expand(match: re.Match) -> str:
+        return exported_options(match["workflow"], "--no-tracking" not in match["flags"])
+
+    return CODE.sub(lambda code: OPTION.sub(replace, CONFIG_FILES.sub(expand, code[0])), text)
+
+
+def exported_options(workflow: str, tracking: bool) -> str:
+    """What ``medseg config-files`` prints, for the exported folder: its merged configs, run from it
+    (MONAI's own MLflow record, as the export ships no tracking settings)."""
+    from pipeline.workflows import MODEL_FILE, WORKFLOW_FILES
+
+    if workflow not in WORKFLOW_FILES:
+        raise ValueError(f"docs command asks for workflow {workflow!r}; one of {', '.join(WORKFLOW_FILES)}")
+    config = _replacements()[(*WORKFLOW_FILES[workflow], Path(MODEL_FILE).name)]
+    options = [f"--meta_file {FIXED['meta_file']}", f"--config_file {config}"]
+    options += [f"--logging_file {FIXED['logging_file']}", f"--bundle_root {FIXED['bundle_root']}"]
+    return " \\\n    ".join(options + (["--tracking mlflow"] if tracking else []))
 
 
 def _write_docs(name: str, version: str, folder: Path) -> None:

@@ -1,8 +1,9 @@
 """Run a bundle's train, inference or evaluate workflow through ``monai.bundle``.
 
 A bundle's workflow is the composition of the shared workflow files in ``bundles/common/``
-with the bundle's own ``configs/model.yaml``; ``config_files`` is the one place that knows
-the order, and the bundles' docs give the same lists for plain ``python -m monai.bundle run``.
+with the bundle's own ``configs/model.yaml``; ``pipeline.paths.config_files`` is the one place that
+knows the order and where the files are, and ``medseg config-files`` prints the same lists for plain
+``python -m monai.bundle run``.
 """
 
 from __future__ import annotations
@@ -21,43 +22,33 @@ from monai.bundle import run as run_bundle_config
 
 from pipeline.inference.batch import CaseFailures, Failure, cases_to_segment
 from pipeline.io.atomic import DiskFullError
-from pipeline.io.checkpoint import CheckpointError, load_checkpoint, load_weights, network_weights
+from pipeline.io.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    network_weights,
+    saved_config,
+    with_training_config,
+)
 from pipeline.io.dicom import SERIES_SEPARATOR, split_series_path
-from pipeline.tracking import PROJECT_ROOT, TrackingUnavailable, check_reachable, default_tracking_uri
+from pipeline.paths import (  # noqa: F401  (re-exported: callers import the bundle locations from here)
+    BUNDLES_DIR,
+    COMMON_DIR,
+    LOGGING_FILE,
+    METADATA_FILE,
+    MODEL_FILE,
+    PROJECT_ROOT,
+    TRACKING_FILE,
+    WORKFLOW_FILES,
+    available_bundles,
+    bundle_dir,
+    config_files,
+    meta_files,
+)
+from pipeline.tracking import TrackingUnavailable, check_reachable, default_tracking_uri
 from pipeline.training.interrupt import TrainingInterrupted, last_interruption
 
 logger = logging.getLogger(__name__)
-
-BUNDLES_DIR = PROJECT_ROOT / "bundles"
-COMMON_DIR = BUNDLES_DIR / "common"
-LOGGING_FILE = COMMON_DIR / "logging.conf"
-TRACKING_FILE = COMMON_DIR / "tracking.yaml"  # the full MLflow record (MONAI's --tracking settings)
-WORKFLOW_FILES: dict[str, tuple[str, ...]] = {
-    "train": ("base.yaml", "train.yaml"),
-    "multi_gpu_train": ("base.yaml", "train.yaml", "multi_gpu_train.yaml"),
-    "inference": ("base.yaml", "inference.yaml"),
-    "evaluate": ("base.yaml", "inference.yaml", "evaluate.yaml"),
-}
-MODEL_FILE = "configs/model.yaml"
-METADATA_FILE = "configs/metadata.json"
-
-
-def available_bundles() -> list[str]:
-    return sorted(p.parent.parent.name for p in BUNDLES_DIR.glob(f"*/{MODEL_FILE}"))
-
-
-def bundle_dir(name: str) -> Path:
-    folder = BUNDLES_DIR / name
-    if not (folder / MODEL_FILE).is_file():
-        raise ValueError(f"unknown bundle {name!r}; available: {', '.join(available_bundles())}")
-    return folder
-
-
-def config_files(name: str, workflow: str) -> list[str]:
-    """Shared workflow files first, the bundle's model last, so the bundle's choices win."""
-    if workflow not in WORKFLOW_FILES:
-        raise ValueError(f"unknown workflow {workflow!r}; one of {', '.join(WORKFLOW_FILES)}")
-    return [str(COMMON_DIR / f) for f in WORKFLOW_FILES[workflow]] + [str(bundle_dir(name) / MODEL_FILE)]
 
 
 def require_valid_data(datalist: str | Path, roles: tuple[str, ...], overrides: Mapping[str, Any]) -> None:
@@ -114,23 +105,29 @@ def user_errors() -> Iterator[None]:
         raise
 
 
-def require_fitting_checkpoint(name: str, checkpoint: str | Path, overrides: Mapping[str, Any]) -> Path:
-    """The checkpoint exists and fits the bundle's network as configured, checked before any data is
-    read: a wrong one fails here, naming the file and the first differing parameter."""
+def require_fitting_checkpoint(
+    name: str, checkpoint: str | Path, overrides: Mapping[str, Any], workflow: str = "inference"
+) -> Path:
+    """The checkpoint exists and fits the bundle's network as configured (its training config beneath
+    ``overrides``), checked before any data is read: a wrong one fails here, naming the file and the
+    first differing parameter."""
     path = require_checkpoint(checkpoint)
+    state = load_checkpoint(path)
     parser = ConfigParser()
     parser.read_meta(meta_files(name))
-    parser.read_config(config_files(name, "inference"))
-    parser.update({**overrides, "bundle_root": str(bundle_dir(name)), "checkpoint": str(path.resolve())})
+    parser.read_config(config_files(name, workflow))
+    parser.update(
+        {
+            **saved_config(state),
+            **overrides,
+            "bundle_root": str(bundle_dir(name)),
+            "checkpoint": str(path.resolve()),
+        }
+    )
     with user_errors():
         network = parser.get_parsed_content("network_def")
-    load_weights(network, network_weights(load_checkpoint(path)), path)
+    load_weights(network, network_weights(state), path)
     return path
-
-
-def meta_files(name: str) -> list[str]:
-    """Metadata shared by all bundles, then the bundle's own (version, changelog, name, references)."""
-    return [str(COMMON_DIR / "metadata.json"), str(bundle_dir(name) / METADATA_FILE)]
 
 
 def describe(name: str) -> dict[str, Any]:
@@ -160,7 +157,10 @@ def preflight_tracking(overrides: Mapping[str, Any], tracking: bool) -> None:
 
 
 def run_workflow(
-    name: str, workflow: str, overrides: Mapping[str, Any] | None = None, tracking: bool = True
+    name: str,
+    workflow: str,
+    overrides: Mapping[str, Any] | None = None,
+    tracking: bool = True,
 ) -> None:
     """Run one workflow in this process; ``overrides`` maps config ids to values, as ``--id value`` does."""
     folder = bundle_dir(name)
@@ -182,7 +182,12 @@ def command_line_value(value: Any) -> str:
     return repr(os.fspath(value) if isinstance(value, os.PathLike) else value)
 
 
-def launch_distributed(name: str, nproc: int, overrides: Mapping[str, Any], tracking: bool = True) -> None:
+def launch_distributed(
+    name: str,
+    nproc: int,
+    overrides: Mapping[str, Any],
+    tracking: bool = True,
+) -> None:
     """The multi-GPU config under ``torchrun --standalone --nproc_per_node=N`` (one node)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -208,25 +213,45 @@ def train(
     tracking: bool = True,
     nproc: int = 1,
     check_data: bool = True,
+    plan: bool = True,
+    minutes: float | None = None,
 ) -> Path:
     """Train a bundle; checkpoints go to ``<output_dir>/models``. Rerunning resumes. Returns that folder.
 
+    A fresh run folder is planned from the data, the machine and ``minutes`` (``plan.yaml`` there,
+    composed after the bundle's model; a resume reuses it, ``overrides`` win over it); ``plan=False``
+    trains on the bundle's defaults. ``minutes`` is also the training's ``time_budget_minutes``.
     With ``nproc`` > 1, one process per GPU (or CPU worker) through torchrun. A run stopped by
     SIGINT/SIGTERM raises ``TrainingInterrupted`` once its checkpoint is written.
     """
+    from pipeline.planning.auto import patch_followers, run_folder_plan, training_config
+    from pipeline.training.run_folder import LATEST_FILE
+
+    bundle_dir(name)  # an unknown bundle fails before any data is read or planned
     overrides = dict(overrides or {})
+    if minutes is not None:
+        overrides.setdefault("time_budget_minutes", float(minutes))
     if check_data:
         require_valid_data(datalist, ("train", "validation"), overrides)
     output_dir = Path(output_dir).resolve()
+    ckpt_dir = output_dir / "models"
+    preflight_tracking(overrides, tracking)  # a server that is down stops the run before it plans
+    planned = run_folder_plan(
+        name, datalist, output_dir, overrides.get("dataset_dir"), minutes, plan, ckpt_dir / LATEST_FILE
+    )
+    # The plan's keys go in beneath the user's, as the last config layer would (a file from the run
+    # folder in the --config_file list would make MONAI warn that the configs span two folders).
+    plan_keys = ConfigParser.load_config_file(str(planned)) if planned else {}
+    overrides = {**plan_keys, **patch_followers(planned, overrides), **overrides}
     settings: dict[str, Any] = {
         "datalist": str(Path(datalist).resolve()),
         "output_dir": str(output_dir),
-        "ckpt_dir": str(output_dir / "models"),
+        "ckpt_dir": str(ckpt_dir),
+        "training_config": training_config(planned, overrides),
     }
     if epochs is not None:
         settings["max_epochs"] = int(epochs)
     if nproc > 1:
-        preflight_tracking(overrides, tracking)
         launch_distributed(name, nproc, {**settings, **overrides}, tracking)
     else:
         run_workflow(name, "train", {**settings, **overrides}, tracking)
@@ -267,6 +292,7 @@ def infer(
     if not pending:
         return output_dir
     require_fitting_checkpoint(name, checkpoint, overrides)
+    overrides = with_training_config(checkpoint, overrides)  # the network and preprocessing trained
     usable, refused = usable_inputs(pending)
     settings = {
         "input": [absolute(case["image"]) for case in usable],
@@ -295,10 +321,12 @@ def evaluate(
     overrides: Mapping[str, Any] | None = None,
     tracking: bool = True,
 ) -> Path:
-    """Score the bundle on a datalist split; ``metrics.csv`` and per-case CSVs go to ``output_dir``."""
+    """Score the bundle on a datalist split; ``metrics.csv`` and per-case CSVs go to ``output_dir``.
+    The checkpoint's training config (network, preprocessing) lies beneath ``overrides``."""
     roles = ("train", "validation") if split == "all" else (split,)
     require_valid_data(datalist, roles, overrides or {})
-    require_checkpoint(checkpoint)
+    require_fitting_checkpoint(name, checkpoint, overrides or {}, "evaluate")
+    overrides = with_training_config(checkpoint, overrides or {})
     output_dir = Path(output_dir).resolve()
     settings = {
         "datalist": str(Path(datalist).resolve()),
@@ -322,13 +350,14 @@ def infer_ensemble(
     """One segmentation per input from the mean softmax of several checkpoints (bundles or folds).
 
     The first member's inference workflow runs (its preprocessing, inversion and writing); every
-    member brings its own network and sliding window, and must share the preprocessed space.
+    member brings its own network and sliding window (from its checkpoint's training config, beneath
+    ``overrides``), and must share the preprocessed space.
     """
     if not names or len(names) != len(checkpoints):
         raise ValueError(f"an ensemble needs one checkpoint per member: {list(names)}, {list(checkpoints)}")
-    for checkpoint in checkpoints:
-        require_checkpoint(checkpoint)
     overrides = dict(overrides or {})
+    for name, checkpoint in zip(names, checkpoints, strict=True):
+        require_fitting_checkpoint(name, checkpoint, overrides)  # every member, before any image is read
     pairs = zip(names, checkpoints, strict=True)
     members = [{"bundle": name, "checkpoint": str(Path(path).resolve())} for name, path in pairs]
     settings = {"ensemble": members, "ensemble_overrides": overrides}

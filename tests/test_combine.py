@@ -83,7 +83,8 @@ def test_time_budget_replans_epochs_and_the_schedule() -> None:
     optimiser = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     schedule = WarmupCosineSchedule(optimiser, warmup_steps=1, t_total=50)
     trainer = Engine(lambda engine, batch: time.sleep(0.05))
-    TimeBudget(minutes=0.3 / 60, lr_scheduler=schedule).attach(trainer)  # 0.3 s, about 2 epochs of 0.15 s
+    budget = TimeBudget(minutes=0.3 / 60, lr_scheduler=schedule, iterations_per_epoch=3)
+    budget.attach(trainer)  # 0.3 s, about 2 epochs of 0.15 s
     trainer.run([0, 1, 2], max_epochs=50)
     assert 1 <= trainer.state.epoch <= 3
     assert schedule.t_total == trainer.state.max_epochs == trainer.state.epoch

@@ -23,7 +23,7 @@ def raced(phantom_datalist: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     root = tmp_path_factory.mktemp("compare")
     uri = f"sqlite:///{root / 'mlruns.db'}"
     overrides = {**SMALL_INPUTS, **TINY_NETWORKS["resunet"], "tracking_uri": uri, "val_interval": 1}
-    board = compare(phantom_datalist, root / "race", BUNDLES, epochs=1, overrides=overrides)
+    board = compare(phantom_datalist, root / "race", BUNDLES, epochs=1, overrides=overrides, plan=False)
     return {"root": root, "uri": uri, "board": board, "datalist": phantom_datalist, "overrides": overrides}
 
 
@@ -80,7 +80,7 @@ def test_a_rerun_resumes_without_training_again(raced: dict) -> None:
     stamps = [p.stat().st_mtime_ns for p in models]
     arguments = [f"{key}={json.dumps(value)}" for key, value in raced["overrides"].items()]
     command = ["compare", "--data", str(raced["datalist"]), "--bundles", ",".join(BUNDLES), "--epochs", "1"]
-    status = main([*command, "--output", str(race), *arguments])
+    status = main([*command, "--no-plan", "--output", str(race), *arguments])
     assert status == 0
     assert [p.stat().st_mtime_ns for p in models] == stamps
 
@@ -109,7 +109,9 @@ def test_without_test_cases_it_scores_the_validation_fold_and_a_resume_keeps_its
     datalist = without_test_cases(phantom_datalist, tmp_path)
     overrides = {**SMALL_INPUTS, **TINY_NETWORKS["resunet"], "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}
     race = tmp_path / "race"
-    board = compare(datalist, race, ["resunet"], epochs=1, overrides=overrides, tta=False, ensemble=False)
+    board = compare(
+        datalist, race, ["resunet"], epochs=1, overrides=overrides, tta=False, ensemble=False, plan=False
+    )
     text = board.read_text()
     assert "scored on the validation cases of fold 0 (the datalist has no labelled test cases)" in text
     row = next(line for line in text.splitlines() if line.startswith("| 1 | resunet |"))
@@ -118,7 +120,9 @@ def test_without_test_cases_it_scores_the_validation_fold_and_a_resume_keeps_its
         "a digest, not a path"
     )
     with pytest.raises(ValueError, match=r"other settings \(epochs 1\).*another --output"):
-        compare(datalist, race, ["resunet"], epochs=2, overrides=overrides, tta=False, ensemble=False)
+        compare(
+            datalist, race, ["resunet"], epochs=2, overrides=overrides, tta=False, ensemble=False, plan=False
+        )
     with pytest.raises(ValueError, match=r"other settings \(overrides\)"):
         compare(datalist, race, ["resunet"], epochs=1, overrides={**overrides, "learning_rate": 0.1})
 

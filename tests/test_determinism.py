@@ -24,7 +24,7 @@ def one_epoch(datalist: Path, root: Path, name: str, seed: int = 0) -> dict[str,
     """Train one epoch as run ``name`` of the MLflow store in ``root``; its losses and metrics."""
     uri = f"sqlite:///{root / 'mlruns.db'}"
     settings = {**SETTINGS, "seed": seed, "tracking_uri": uri, "run_name": name}
-    train("unet3d", datalist, root / name, epochs=1, overrides=settings, check_data=False)
+    train("unet3d", datalist, root / name, epochs=1, overrides=settings, check_data=False, plan=False)
     client = MlflowClient(uri)
     (run,) = client.search_runs(
         [e.experiment_id for e in client.search_experiments()], f"run_name = '{name}'"

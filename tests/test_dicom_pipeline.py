@@ -49,7 +49,7 @@ def pipeline_run(dicom_dataset: Path, tmp_path_factory: pytest.TempPathFactory) 
     root = tmp_path_factory.mktemp("dicom_run")
     settings = {**tiny("unet3d"), "tracking_uri": f"sqlite:///{root / 'mlruns.db'}", "overlay_every": 1}
     settings["val_fold"] = 1  # the fold of the series folder named by its UID: it is validated and scored
-    models = train("unet3d", dicom_dataset, root / "train", epochs=1, overrides=settings)
+    models = train("unet3d", dicom_dataset, root / "train", epochs=1, overrides=settings, plan=False)
     series = dicom_dataset.parent / "images" / "case1"
     predictions = infer(
         "unet3d", [series], root / "predictions", models / "model.pt", {**settings, "dicom_seg": True}

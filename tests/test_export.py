@@ -54,7 +54,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def checkpoint(phantom_datalist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One epoch of the tiny network: weights that load, cheaply."""
     out = tmp_path_factory.mktemp("trained")
-    return train(BUNDLE, phantom_datalist, out, epochs=1, overrides=tiny(BUNDLE), tracking=False) / "model.pt"
+    models = train(
+        BUNDLE, phantom_datalist, out, epochs=1, overrides=tiny(BUNDLE), tracking=False, plan=False
+    )
+    return models / "model.pt"
 
 
 @pytest.mark.parametrize("bundle", available_bundles())

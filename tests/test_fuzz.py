@@ -1,41 +1,48 @@
-"""Generated broken NIfTI files and DICOM series fed to ``medseg check`` and ``medseg infer``.
+"""Generated broken NIfTI files, DICOM series, datalists and labels fed to ``medseg check`` and ``infer``.
 
-Every input must end in a clear error naming its file: no traceback, no hang, no memory blow-up
-(headers declaring huge volumes are refused before any voxel is allocated). Most run in this
-process through ``pipeline.cli.main``; a few run as real ``medseg`` processes under a time limit
-and an address-space limit, so a hang or an allocation of the declared size would fail them.
+Every broken input must end in a clear error naming its file and what is wrong: no traceback, no
+hang, no memory blow-up (headers declaring huge volumes are refused before any voxel is allocated);
+every valid one, however unusual (paths outside the dataset folder, 300 classes), must pass. Most run
+in this process through ``pipeline.cli.main``; the memory checks run as real ``medseg`` processes
+under an address-space limit, with their own peak memory read from ``wait4``.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import resource
+import shutil
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import PHANTOM_AFFINE, tiny
+from conftest import PHANTOM_AFFINE, tiny, write_dataset
 from dicom_factory import write_series
 from model_factory import untrained_model
+from monai.transforms import LoadImage
 
 from pipeline.cli import main
+from pipeline.data.check import check_case, check_image
 from pipeline.inference.batch import output_path
+from pipeline.io.readers import NiftiOrDicomReader
 
 SHAPE = (16, 14, 12)
-# Damage that leaves a usable image: a field nibabel ignores (the sform wins over pixdim and the
-# quaternion; bitpix follows datatype; a non-finite slope means "no scaling"), a blank-but-valid
+# Damage that leaves a usable image: a field nibabel ignores (the sform wins over the quaternion;
+# bitpix follows datatype; a non-finite slope means "no scaling"), a blank-but-valid
 # volume, or a DICOM field SimpleITK replaces with its default. Such inputs may pass; any other
 # must be refused with an error naming the file, and random header flips may go either way.
 MAY_PASS = {
-    "bitpix_wrong.nii", "scl_slope_nan.nii", "scl_slope_inf.nii", "pixdim_huge.nii", "quatern_nan.nii",
+    "bitpix_wrong.nii", "scl_slope_nan.nii", "scl_slope_inf.nii", "quatern_nan.nii",
     "qform_code_garbage.nii", "int64_extreme.nii.gz", "uint64_extreme.nii.gz", "tiny_spacing.nii.gz",
-    "dicom_nan_spacing", "dicom_zero_spacing", "dicom_bits_wrong",
+    "dicom_bits_wrong",
 }  # fmt: skip
 SINGULAR = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])  # two parallel axes
 SEED = 20240611
@@ -132,7 +139,7 @@ def nifti_corpus() -> dict[str, Callable[[Path], Path]]:
     filled = {"nan": np.nan, "inf": np.inf}
     makers: dict[str, Callable[[Path], Path]] = {
         "zero_bytes.nii.gz": raw(b""),
-        "zero_bytes.nii": raw(b""),
+        "zero_bytes_plain.nii": raw(b""),  # not zero_bytes.nii: both would be written as zero_bytes
         "random_bytes.nii.gz": raw(np.random.default_rng(1).bytes(3000)),
         "text.nii": raw(b"not an image\n" * 40),
         "header_only.nii": cut(348 / len(clean_bytes()), compressed=False),
@@ -161,6 +168,7 @@ def nifti_corpus() -> dict[str, Callable[[Path], Path]]:
         "absurd_dims_nifti2.nii.gz": declared((2**40, 2**40, 2**40), nifti2=True),
         "absurd_channels.nii.gz": declared((512, 512, 512, 4000)),
         "absurd_float64.nii.gz": declared((4000, 4000, 4000), np.float64),
+        "declares_20gib.nii.gz": declared((1750, 1750, 1750)),  # a size a machine could hold
         "absurd_spacing.nii.gz": saved(image(), np.diag([1e6, 1e6, 1e6, 1.0])),
         "tiny_spacing.nii.gz": saved(image(), np.diag([1e-9, 1e-9, 1e-9, 1.0])),
         "singular_affine.nii.gz": saved(image(), SINGULAR),
@@ -222,6 +230,7 @@ def dicom_corpus() -> dict[str, Callable[[Path], Path]]:
         "dicom_missing_slice": series(lambda files: files[1].unlink()),
         "dicom_no_pixels": series(edit(PixelData=None)),
         "dicom_absurd_rows": series(edit(Rows=65535, Columns=65535)),
+        "dicom_frames_huge": series(edit(NumberOfFrames=11_500_000)),  # 12x10x46e6 voxels: 20.6 GiB
         "dicom_nan_spacing": series(edit(PixelSpacing=["nan", "nan"])),
         "dicom_zero_spacing": series(edit(PixelSpacing=["0", "0"])),
         "dicom_no_position": series(edit(ImagePositionPatient=None)),
@@ -289,20 +298,17 @@ def infer_command(inputs: list[Path], out: Path, model: Path) -> list[str]:
 def test_medseg_infer_names_every_bad_file_without_a_traceback(
     bad_inputs: list[Path], model: Path, tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:
-    """The inputs that must be refused, in one run: each named, none read beyond its header."""
+    """The inputs that must be refused, in one run: each named (memory: ``test_huge_declared_...``)."""
     (empty,) = [path for path in bad_inputs if path.name == "dicom_empty_folder"]
     assert main(infer_command([empty], tmp_path / "out", model)) == 2, "no image at all: stops at once"
     assert f"medseg: error: input folder {empty} holds no" in capfd.readouterr().err
     refused = [path for path in must_refuse(bad_inputs) if path != empty]
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     status = main(infer_command(refused, tmp_path / "out", model))
     err = capfd.readouterr().err
     assert status == 1 and "Traceback" not in err, err[-3000:]
     report = err[err.index("medseg: error: ") :]
     assert f"{len(refused)} of {len(refused)} cases could not be segmented" in report
     assert [path for path in refused if f"\n  {path}: " not in report] == []
-    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) * 1024
-    assert grown < 2**30, f"peak memory grew by {grown / 2**30:.1f} GiB"
 
 
 @pytest.mark.long
@@ -341,9 +347,307 @@ def test_a_medseg_process_refuses_it_in_time_and_memory(
             datalist = tmp_path / "datalist.json"
             datalist.write_text(json.dumps({"labels": {"0": "background"}, "test": [{"image": str(path)}]}))
             command = ["check", str(datalist), "--roles", "test"]
-        result = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *command], cwd=tmp_path, capture_output=True,
-            text=True, timeout=180, preexec_fn=memory_limit(6),
+        status, output, peak = measured(command, tmp_path)
+        assert status == 1 and str(path) in output and "Traceback" not in output, output[-3000:]
+        assert peak < 3 * 2**30, f"{command[0]} peaked at {peak / 2**30:.1f} GiB"
+
+
+def measured(command: list[str], cwd: Path, gib: float = 6, timeout: float = 180) -> tuple[int, str, int]:
+    """``medseg COMMAND`` in a fresh process under an address-space limit of ``gib``: its exit status,
+    output, and its own peak resident memory in bytes. ``wait4`` reports that one child's peak;
+    this process's ``ru_maxrss`` keeps the peak of everything run before, so it can show no growth."""
+    log = cwd / f"medseg_{command[0]}.log"
+    with log.open("w") as stream:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *command], cwd=cwd, stdout=stream,
+            stderr=subprocess.STDOUT, preexec_fn=memory_limit(gib),
         )  # fmt: skip
-        assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-        assert str(path) in result.stdout + result.stderr and "Traceback" not in result.stderr
+        deadline = time.monotonic() + timeout
+        while not (reaped := os.wait4(child.pid, os.WNOHANG))[0]:
+            if time.monotonic() > deadline:
+                child.kill()
+                child.wait()
+                pytest.fail(
+                    f"medseg {command[0]} still running after {timeout:g} s: {log.read_text()[-2000:]}"
+                )
+            time.sleep(0.05)
+    child.returncode = os.waitstatus_to_exitcode(reaped[1])  # reaped here: Popen must not wait again
+    return child.returncode, log.read_text(), reaped[2].ru_maxrss * 1024  # KiB on Linux
+
+
+HUGE = [  # headers declaring 20 GiB (which this machine could hold) to 128 TiB of voxels
+    "declares_20gib.nii.gz", "absurd_float64.nii.gz", "absurd_channels.nii.gz", "absurd_dims.nii.gz",
+    "absurd_dims_nifti2.nii.gz", "dicom_frames_huge", "dicom_absurd_rows",
+]  # fmt: skip
+
+
+def test_huge_declared_volumes_are_refused_by_a_process_that_stays_small(
+    bad_inputs: list[Path], tmp_path: Path
+) -> None:
+    """One ``medseg check`` process for all of them: each refused from its header, the peak far below
+    the 20 GiB that reading the smallest would take (and the address-space limit makes that fail)."""
+    huge = [path for path in bad_inputs if path.name in HUGE]
+    assert len(huge) == len(HUGE)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(
+        json.dumps({"labels": {"0": "background"}, "test": [{"image": str(p)} for p in huge]})
+    )
+    status, output, peak = measured(["check", str(datalist), "--roles", "test"], tmp_path)
+    assert status == 1 and "Traceback" not in output, output[-3000:]
+    lines = {
+        path: [line for line in output.splitlines() if line.startswith(f"error: {path}: ")] for path in huge
+    }
+    assert {path.name: len(found) for path, found in lines.items()} == {name: 1 for name in HUGE}, output
+    assert all("over the memory budget" in found[0] for found in lines.values()), output
+    assert "declare 12x10x46000000 voxels (20.6 GiB as float32)" in output  # NumberOfFrames counted
+    assert "1750x1750x1750 voxels (20 GiB as float32)" in output
+    assert peak < 2 * 2**30, f"medseg check peaked at {peak / 2**30:.2f} GiB"
+
+
+def nibabel_reads(path: Path) -> nib.Nifti1Image | None:
+    """nibabel's own reading, header and voxels, or None: what the check is held to."""
+    try:
+        image = nib.load(path)
+        np.asanyarray(image.dataobj)
+    except Exception:  # any failure: the oracle only needs to know that nibabel cannot read it
+        return None
+    return image
+
+
+REFUSALS = (  # what a damaged header may be refused for, as the check words it
+    "cannot be read as NIfTI", "voxel data is truncated", "header is damaged", "voxel spacing", "affine ",
+    "pixdim disagrees with the sform", "is not a volume", "has ", "is 2D", "header declares",
+    "voxels are of type",
+)  # fmt: skip
+
+
+def test_flipped_headers_are_refused_or_read_as_nibabel_reads_them(
+    bad_inputs: list[Path], tmp_path: Path
+) -> None:
+    """A header with random bytes changed is refused, naming the file, or it is the image nibabel
+    reads: the bundles' reader gives nibabel's shape and voxels (and affine, where pixdim agrees with
+    it: else MONAI takes the qform), and a label on the clean grid is reported off the grid exactly
+    when the image the reader gives moved (under 1e-5 is inside every tolerance; 1e-5 to 1e-3 is
+    not judged)."""
+    label = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image((image() > 100).astype(np.uint8), PHANTOM_AFFINE), label)
+    load = LoadImage(reader=NiftiOrDicomReader(), image_only=True)
+    outcomes: dict[str, list[str]] = {"refused": [], "read": []}
+    for path in (p for p in bad_inputs if p.name.startswith("flipped_")):
+        findings = check_case({"image": str(path), "label": str(label)}, {0: "background", 1: "organ"}, 1)
+        refused = [f for f in findings if f.path == str(path) and f.severity == "error"]
+        read = nibabel_reads(path)
+        assert read is not None or refused, f"{path.name}: nibabel cannot read it, yet the check passed it"
+        if refused:  # unreadable, or readable with a header the check rejects (repaired, absurd spacing)
+            assert all(f.problem.startswith(REFUSALS) for f in refused), refused
+            outcomes["refused"].append(path.name)
+            continue
+        loaded = load(path)
+        assert loaded.shape == read.shape and np.allclose(loaded.numpy(), np.asanyarray(read.dataobj)), (
+            path.name
+        )
+        zooms = np.linalg.norm(read.affine[:3, :3], axis=0)
+        if np.allclose(read.header.get_zooms()[:3], zooms):
+            assert np.allclose(loaded.affine.numpy(), read.affine), path.name
+        moved = np.abs(loaded.affine.numpy() - PHANTOM_AFFINE).max() if read.shape == SHAPE else np.inf
+        off_grid = [
+            f for f in findings if f.path == str(label) and ("grid" in f.problem or "shape" in f.problem)
+        ]
+        assert findings == off_grid, findings
+        if moved < 1e-5 or moved > 1e-3:
+            assert bool(off_grid) == (moved > 1e-3), (path.name, moved, findings)
+        outcomes["read"].append(path.name)
+    assert len(outcomes["refused"]) >= 10 and len(outcomes["read"]) >= 10, outcomes
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-case dataset (case 0 in validation fold 0, case 1 for training) with one test case."""
+    return write_dataset(tmp_path_factory.mktemp("fuzzed_datalists") / "dataset", num_cases=2, shape=SHAPE)
+
+
+def replaced(content: dict, index: int = 0, **fields: object) -> dict:
+    """``content`` with training case ``index``'s fields replaced; ``None`` removes one."""
+    training = [dict(case) for case in content["training"]]
+    training[index] = {
+        key: value for key, value in {**training[index], **fields}.items() if value is not None
+    }
+    return {**content, "training": training}
+
+
+Fuzzed = Callable[[dict, Path], tuple[object, str | None, str]]
+# name -> content (a dict, or text), the file the error names (None: the datalist), words of the error
+BROKEN_DATALISTS: dict[str, Fuzzed] = {
+    "truncated_json": lambda c, root: (json.dumps(c)[:150], None, "is not valid JSON"),
+    "not_an_object": lambda c, root: ("[1, 2]", None, "has no 'labels' table (index -> name)"),
+    "labels_as_a_list": lambda c, root: (
+        {**c, "labels": list(c["labels"].values())},
+        None,
+        "no 'labels' table",
+    ),
+    "modality_as_a_list": lambda c, root: ({**c, "modality": ["MRI"]}, None, "'modality' is not a table"),
+    "training_as_an_object": lambda c, root: (
+        {**c, "training": {"case": c["training"][0]}},
+        None,
+        "'training' is a dict, not a list of cases",
+    ),
+    "case_as_a_string": lambda c, root: (
+        {**c, "training": ["imagesTr/case_000.nii.gz"]},
+        None,
+        'training case 0 is "imagesTr/case_000.nii.gz"',
+    ),
+    "image_as_a_number": lambda c, root: (
+        replaced(c, image=42),
+        None,
+        "training case 0: image 42 is not a path",
+    ),
+    "label_as_a_list": lambda c, root: (
+        replaced(c, label=["labelsTr/case_000.nii.gz"]),
+        None,
+        'label ["labelsTr/case_000.nii.gz"] is not a path',
+    ),
+    "fold_as_a_word": lambda c, root: (
+        replaced(c, 1, fold="one"),
+        None,
+        'training case 1: fold "one" is not',
+    ),
+    "no_image_key": lambda c, root: (
+        replaced(c, image=None),
+        None,
+        f"validation case of label {root}/labelsTr/case_000.nii.gz has no image",
+    ),
+    "no_label_key": lambda c, root: (
+        replaced(c, 1, label=None),
+        None,
+        f"train case {root}/imagesTr/case_001.nii.gz has no label",
+    ),
+    "absent_image": lambda c, root: (
+        replaced(c, image="imagesTr/gone.nii.gz"),
+        f"{root}/imagesTr/gone.nii.gz",
+        "does not exist",
+    ),
+    "path_escaping_to_nothing": lambda c, root: (
+        replaced(c, 1, label="../../gone.nii.gz"),
+        f"{root.parent.parent}/gone.nii.gz",
+        "does not exist",
+    ),
+    "image_listed_twice": lambda c, root: (
+        replaced(c, 1, image=c["training"][0]["image"]),
+        None,
+        "is listed 2 times (training)",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN_DATALISTS)
+def test_a_broken_datalist_is_one_error_naming_the_file_and_the_problem(
+    name: str, dataset: Path, capfd: pytest.CaptureFixture
+) -> None:
+    content, named, words = BROKEN_DATALISTS[name](json.loads(dataset.read_text()), dataset.parent)
+    datalist = dataset.parent / f"{name}.json"
+    datalist.write_text(content if isinstance(content, str) else json.dumps(content))
+    status = main(["check", str(datalist)])
+    out, err = capfd.readouterr()
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert status == 1 and "Traceback" not in out + err, out + err
+    assert [line for line in errors if line.startswith(f"error: {named or datalist}: ") and words in line], (
+        errors
+    )
+
+
+def test_unusual_but_valid_datalists_pass(dataset: Path, capfd: pytest.CaptureFixture) -> None:
+    """Paths leading out of the dataset folder to real files, and a fold written as a string."""
+    outside = dataset.parent.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    content = json.loads(dataset.read_text())
+    for kind in ("image", "label"):
+        shutil.copy(dataset.parent / content["training"][0][kind], outside / f"{kind}.nii.gz")
+    escaping = replaced(content, image="../outside/image.nii.gz", label="../outside/label.nii.gz", fold="0")
+    datalist = dataset.parent / "escaping.json"
+    datalist.write_text(json.dumps(escaping))
+    assert main(["check", str(datalist)]) == 0
+    assert capfd.readouterr().out == "3 cases checked: 0 errors, 0 warnings\n"
+
+
+def axis_flipped() -> np.ndarray:
+    affine = PHANTOM_AFFINE.copy()
+    affine[0, 0] *= -1  # an LPS/RAS mix-up on one axis: same spacing and origin, mirrored voxels
+    return affine
+
+
+SEG = (image() > 100).astype(np.uint8)
+# name -> label voxels, label affine, words of the error on the label
+BAD_LABELS = {
+    "float_label": (SEG * np.float32(0.5), PHANTOM_AFFINE, "voxels are not integers (e.g. 0.5)"),
+    "negative_label": (SEG.astype(np.int16) * -1, PHANTOM_AFFINE, "values [-1] are not declared classes"),
+    "undeclared_label": (
+        SEG * 9,
+        PHANTOM_AFFINE,
+        "values [9] are not declared classes (0 background, 1 organ",
+    ),
+    "label_of_another_shape": (SEG[:, :, :-1], PHANTOM_AFFINE, "shape 16x14x11 differs from 16x14x12 of "),
+    "label_on_a_coarser_grid": (
+        SEG,
+        PHANTOM_AFFINE @ np.diag([2, 2, 2, 1]),
+        "spacing 2.4x2.4x3 mm, not 1.2x1.2x1.5",
+    ),
+    "label_with_an_axis_flipped": (SEG, axis_flipped(), "not on the voxel grid of "),
+    "label_with_two_channels": (
+        np.stack([SEG, SEG], -1),
+        PHANTOM_AFFINE,
+        "a label has one channel, this one 2",
+    ),
+}
+
+
+def labelled(folder: Path, seg: np.ndarray, affine: np.ndarray, classes: int = 3) -> tuple[Path, Path]:
+    """A datalist of one labelled test case, with ``classes`` declared; returns it and the label's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image(), PHANTOM_AFFINE), folder / "image.nii.gz")
+    nib.save(nib.Nifti1Image(seg, affine, dtype=seg.dtype), folder / "label.nii.gz")
+    names = {
+        "0": "background",
+        "1": "organ",
+        "2": "core",
+        **{str(i): f"class {i}" for i in range(3, classes)},
+    }
+    content = {"labels": names, "test": [{"image": "image.nii.gz", "label": "label.nii.gz"}]}
+    (folder / "datalist.json").write_text(json.dumps(content))
+    return folder / "datalist.json", folder / "label.nii.gz"
+
+
+@pytest.mark.parametrize("name", BAD_LABELS)
+def test_a_broken_label_is_an_error_naming_it(
+    name: str, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    datalist, label = labelled(tmp_path, *BAD_LABELS[name][:2])
+    status = main(["check", str(datalist), "--roles", "test"])
+    out, err = capfd.readouterr()
+    assert status == 1 and "Traceback" not in out + err, out + err
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert errors and all(line.startswith(f"error: {label}: ") for line in errors), out
+    assert BAD_LABELS[name][2] in errors[0], out
+
+
+def test_a_label_of_300_classes_passes(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """Over 255 classes, declared and all present, stored as uint16 (as inference writes them)."""
+    seg = (np.arange(np.prod(SHAPE)) % 300).reshape(SHAPE).astype(np.uint16)
+    datalist, _ = labelled(tmp_path, seg, PHANTOM_AFFINE, classes=300)
+    assert main(["check", str(datalist), "--roles", "test"]) == 0
+    assert capfd.readouterr().out == "1 cases checked: 0 errors, 0 warnings\n"
+    datalist.write_text(
+        datalist.read_text().replace('"299": "class 299", ', "").replace(', "299": "class 299"', "")
+    )
+    assert main(["check", str(datalist), "--roles", "test"]) == 1
+    assert "values [299] are not declared classes" in capfd.readouterr().out
+
+
+def test_a_pixdim_that_disagrees_with_the_sform_is_refused(bad_inputs: list[Path]) -> None:
+    """nibabel reads the sform (1.2 mm voxels); MONAI's reader, which training uses, takes the qform
+    built from pixdim (1e30 mm): the check must judge the geometry training will see."""
+    (path,) = [p for p in bad_inputs if p.name == "pixdim_huge.nii"]
+    assert np.allclose(nib.load(path).affine, PHANTOM_AFFINE)
+    assert [f.problem for f in check_image(path)] == [
+        "pixdim disagrees with the sform: MONAI's reader (the bundles') gives 1e+30x1e+30x1e+30 mm voxels at "
+        "30x25x-20, the sform 1.2x1.2x1.5 mm at 30x25x-20"
+    ]

@@ -32,8 +32,8 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("private_runs")
     uri = f"sqlite:///{root / 'mlruns.db'}"
     settings = {**tiny("unet3d"), "tracking_uri": uri, "run_name": RUN_NAME, "overlay_every": 5}
-    train("unet3d", datalist, root / "first", epochs=2, overrides=settings)
-    train("unet3d", datalist, root / "second", epochs=1, overrides=settings)
+    train("unet3d", datalist, root / "first", epochs=2, overrides=settings, plan=False)
+    train("unet3d", datalist, root / "second", epochs=1, overrides=settings, plan=False)
     client = MlflowClient(uri)
     trainings = sorted(
         (r for r in all_runs(client) if r.data.tags["workflow"] == "train"), key=lambda r: r.info.start_time

@@ -35,7 +35,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """One epoch on dataset A; returns (A's datalist, the run's models folder)."""
     root = tmp_path_factory.mktemp("resume")
     datalist = write_dataset(root / "A", num_cases=4)
-    models = train("unet3d", datalist, root / "run", 1, SETTINGS, tracking=False, check_data=False)
+    models = train(
+        "unet3d", datalist, root / "run", 1, SETTINGS, tracking=False, check_data=False, plan=False
+    )
     return datalist, models
 
 
@@ -52,7 +54,7 @@ def test_a_resume_with_another_dataset_is_refused_before_anything_is_overwritten
     with pytest.raises(
         ValueError, match=rf"run folder {models} holds a training on another dataset .*{difference}"
     ):
-        train("unet3d", other, models.parent, 2, SETTINGS, tracking=False, check_data=False)
+        train("unet3d", other, models.parent, 2, SETTINGS, tracking=False, check_data=False, plan=False)
     assert {name: (models / name).read_bytes() for name in before} == before, "nothing overwritten"
 
 
@@ -67,7 +69,7 @@ def test_a_second_training_into_a_busy_folder_stops_naming_the_holder(tmp_path: 
         writing.write_bytes(b"half a checkpoint")
         command = [
             sys.executable, "-m", "pipeline.cli", "train", "unet3d", "--data", str(datalist),
-            "--output", str(tmp_path / "run"), "--epochs", "1", "--skip-check",
+            "--output", str(tmp_path / "run"), "--epochs", "1", "--skip-check", "--no-plan",
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlruns.db'}",
             *(f"{key}={value}" for key, value in SETTINGS.items()),
         ]  # fmt: skip

@@ -56,3 +56,36 @@ def test_multi_gpu_overrides_reach_the_bundle_as_given(value: str) -> None:
     assert received == {"run_name": value}
     numbers = fire.Fire(lambda **kwargs: kwargs, command=["--patch_size", command_line_value([32, 32, 16])])
     assert numbers == {"patch_size": [32, 32, 16]}
+
+
+def test_a_mid_epoch_checkpoint_sends_the_losses_it_covers(tmp_path: Path) -> None:
+    """MLflow's series reach at least as far as ``latest.pt``: a resume from a mid-epoch checkpoint
+    (after a SIGKILL) then leaves no gap. Metrics are buffered until an epoch ends, so without the
+    flush before a mid-epoch save nothing of the first epoch would be sent by its third iteration."""
+    from ignite.engine import Events
+    from monai.handlers import from_engine
+    from test_training_handlers import build_trainer
+
+    from pipeline.tracking import RunTracker
+
+    trainer, _ = build_trainer(tmp_path / "models", max_epochs=1, cases=8, every_minutes=0)  # 4 iterations
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    tracker = RunTracker(
+        tracking_uri=uri,
+        experiment_name="mid-epoch",
+        run_name="mid-epoch-run",
+        iteration_log=True,
+        epoch_log=False,
+        tag_name="train_loss",
+        output_transform=from_engine(["loss"], first=True),
+    )
+    tracker.attach(trainer)
+    sent: list[list[int]] = []
+
+    def steps_in_mlflow(_: object) -> None:  # runs before this iteration's own save
+        history = MlflowClient(uri).get_metric_history(tracker.cur_run.info.run_id, "train_loss")
+        sent.append(sorted(metric.step for metric in history))
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), steps_in_mlflow)
+    trainer.run()
+    assert sent == [[1, 2]]

@@ -67,7 +67,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def tracked(server: str, phantom_datalist: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("tracked")
     settings = {**tiny("unet3d"), "tracking_uri": server, "overlay_every": 1}
-    train("unet3d", phantom_datalist, root / "run", epochs=2, overrides=settings)
+    train("unet3d", phantom_datalist, root / "run", epochs=2, overrides=settings, plan=False)
     checkpoint = root / "run" / "models" / "model.pt"
     evaluate("unet3d", phantom_datalist, root / "evaluation", checkpoint, "test", settings)
     client = MlflowClient(server)
@@ -138,6 +138,7 @@ def test_running_the_same_training_again_continues_its_run(
         tracked["root"] / "run",
         epochs=3,
         overrides={**tiny("unet3d"), "tracking_uri": server},
+        plan=False,
     )
     again = client.get_run(first.info.run_id)
     assert [m.step for m in client.get_metric_history(first.info.run_id, "val_mean_dice")] == [1, 2, 3]
@@ -164,6 +165,7 @@ def test_an_unreachable_server_stops_training_before_it_starts(
             tmp_path / "run",
             epochs=1,
             overrides={**tiny("unet3d"), "tracking_uri": gone},
+            plan=False,
         )
     assert not (tmp_path / "run" / "models" / "latest.pt").exists()
 
@@ -171,7 +173,7 @@ def test_an_unreachable_server_stops_training_before_it_starts(
 def test_optional_tracking_goes_on_without_a_server(phantom_datalist: Path, tmp_path: Path) -> None:
     gone = f"http://127.0.0.1:{free_port()}"
     settings = {**tiny("unet3d"), "tracking_uri": gone, "tracking_required": False}
-    models = train("unet3d", phantom_datalist, tmp_path / "run", epochs=1, overrides=settings)
+    models = train("unet3d", phantom_datalist, tmp_path / "run", epochs=1, overrides=settings, plan=False)
     assert (models / "latest.pt").is_file()
 
 
@@ -181,7 +183,7 @@ def test_losing_the_server_mid_run_keeps_training_and_reports_once(
     process, uri = start_server(tmp_path / "server")
     settings = [f"{key}={value}" for key, value in {**tiny("unet3d"), "tracking_uri": uri}.items()]
     command = [sys.executable, "-m", "pipeline.cli", "train", "unet3d", "--data", str(phantom_datalist),
-               "--output", str(tmp_path / "run"), "--epochs", "30", *settings]  # fmt: skip
+               "--output", str(tmp_path / "run"), "--epochs", "30", "--no-plan", *settings]  # fmt: skip
     training = subprocess.Popen(
         command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

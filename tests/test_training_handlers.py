@@ -259,8 +259,8 @@ def test_a_long_epoch_is_checkpointed_on_the_wall_clock(tmp_path: Path) -> None:
     of a long first epoch still leaves a checkpoint to resume from."""
     trainer, _ = build_trainer(tmp_path, max_epochs=1, cases=8, every_minutes=0)  # 4 iterations
     saved: list[int] = []
-    trainer.add_event_handler(
-        Events.ITERATION_COMPLETED(once=3),
+    trainer.add_event_handler(  # before iteration 4: the save at iteration 3's end is on disk
+        Events.ITERATION_STARTED(once=4),
         lambda _: saved.append(load_checkpoint(tmp_path / "latest.pt")["trainer"]["iteration"]),
     )
     trainer.run()

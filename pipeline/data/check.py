@@ -134,6 +134,16 @@ def _volume(path: str, shape: Sequence[int], channels: int, affine: np.ndarray, 
     return Volume(path, tuple(int(s) for s in shape), int(channels), None if broken else affine)
 
 
+def _reader_geometry(path: str, affine: np.ndarray | None, loaded: np.ndarray | None) -> list[Finding]:
+    """Training must see the geometry checked: MONAI's reader replaces an sform that pixdim disagrees with."""
+    if affine is None or loaded is None or np.abs(loaded - affine).max() <= ORIGIN_TOLERANCE_MM:
+        return []
+    spacing, loaded_spacing = (_xs(np.linalg.norm(a[:3, :3], axis=0)) for a in (affine, loaded))
+    origin, loaded_origin = _xs(affine[:3, 3]), _xs(loaded[:3, 3])
+    reader = f"MONAI's reader (the bundles') gives {loaded_spacing} mm voxels at {loaded_origin}"
+    return [Finding(path, f"pixdim disagrees with the sform: {reader}, the sform {spacing} mm at {origin}")]
+
+
 def _read(path: str, budget: int) -> tuple[Volume | None, np.ndarray | None, list[Finding]]:
     """Header first; voxels only when the layout is usable and fits the budget."""
     try:
@@ -144,6 +154,7 @@ def _read(path: str, budget: int) -> tuple[Volume | None, np.ndarray | None, lis
     if opened.refused:
         return None, None, [*findings, Finding(path, opened.refused)]
     volume = _volume(path, opened.shape, opened.channels, opened.affine, findings)
+    findings += _reader_geometry(path, volume.affine, opened.reader_affine)
     try:
         return volume, opened.voxels(), findings
     except Unreadable as error:
@@ -284,10 +295,12 @@ def _list_problems(datalist: Path, dataset_dir: Path | None, by_role: dict[str, 
     and in both training and test it inflates the scores."""
     findings, lists = [], {}
     for role, found in by_role.items():
-        missing = [
-            _case_key(c) for c in found if not c.get("image") or (role != "test" and not c.get("label"))
-        ]
-        findings += [Finding(str(datalist), f"{role} case {key} has no image or no label") for key in missing]
+        for case in found:  # a case without an image is named by its label
+            if not case.get("image"):
+                problem = f"{role} case of label {case.get('label')} has no image"
+                findings.append(Finding(str(datalist), problem))
+            elif role != "test" and not case.get("label"):
+                findings.append(Finding(str(datalist), f"{role} case {_case_key(case)} has no label"))
     for name, role in (("training", "all"), ("test", "test")):
         for case in cases(datalist, dataset_dir, role=role):
             lists.setdefault(_case_key(case), []).append(name)

@@ -49,7 +49,7 @@ def read_json(path: Source) -> dict:
     if not isinstance(content, dict) or not isinstance(content.get("labels"), dict):
         raise ValueError(f"datalist {path} has no 'labels' table (index -> name), as MSD datalists do")
     if not isinstance(content.get("modality", {}), dict):
-        raise ValueError(f"datalist {path}: 'modality' must be a table (channel -> name), as in MSD datalists")
+        raise ValueError(f"datalist {path}: 'modality' is not a table (channel -> name)")
     return content
 
 
@@ -127,22 +127,21 @@ def cases(
     return [case for case in training if int(case["fold"]) != val_fold]
 
 
-def _is_path(value: object) -> bool:
-    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-
-
 def _check_entries(datalist: str | Path, key: str, entries: object) -> None:
     """A case list's types: a number for a path or a word for a fold would otherwise fail later as a
     TypeError deep in MONAI or in the naming of outputs, naming neither the datalist nor the case."""
     if not isinstance(entries, list):
-        raise ValueError(f"datalist {datalist}: '{key}' must be a list of cases, not {type(entries).__name__}")
+        raise ValueError(f"datalist {datalist}: '{key}' is a {type(entries).__name__}, not a list of cases")
     for index, case in enumerate(entries):
         where = f"datalist {datalist}: {key} case {index}"
         if not isinstance(case, dict):
             raise ValueError(f"{where} is {json.dumps(case)}, not an object with an 'image' path")
-        for name in ("image", "label"):
-            if case.get(name) not in (None, "") and not _is_path(case[name]):
-                raise ValueError(f"{where}: {name} {json.dumps(case[name])} is not a path or a list of paths")
+        image, label = case.get("image"), case.get("label")  # none or "": a finding of the data check
+        images = image if isinstance(image, list) else [image]
+        if image and not all(isinstance(path, str) for path in images):
+            raise ValueError(f"{where}: image {json.dumps(image)} is not a path or a list of paths")
+        if label and not isinstance(label, str):
+            raise ValueError(f"{where}: label {json.dumps(label)} is not a path")
         fold = case.get("fold")
         if fold is not None and (isinstance(fold, bool) or not str(fold).lstrip("-").isdigit()):
             raise ValueError(f"{where}: fold {json.dumps(fold)} is not an integer")

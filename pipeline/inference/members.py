@@ -2,7 +2,8 @@
 
 Members are averaged voxel by voxel in one preprocessed space, so they must agree on everything
 that defines that space (spacing, intensity normalisation, label set); a disagreement is an error
-naming the two members, never a silently misaligned average.
+naming the two members, never a silently misaligned average. Each member is built with its own
+checkpoint's training config (``pipeline.io.checkpoint.saved_config``) beneath the shared overrides.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.inferers import Inferer
 
-from pipeline.io.checkpoint import load_checkpoint, load_weights, network_weights
+from pipeline.io.checkpoint import load_checkpoint, load_weights, network_weights, with_training_config
 from pipeline.networks import to_device
 
 SHARED_SPACE = ("spacing", "modality", "labels", "preprocessing_steps")
@@ -27,7 +28,8 @@ def member_parser(bundle: str, checkpoint: str, overrides: Mapping[str, Any]) ->
     parser = ConfigParser()
     parser.read_meta(meta_files(bundle))
     parser.read_config(config_files(bundle, "inference"))
-    parser.update({**overrides, "bundle_root": str(bundle_dir(bundle)), "checkpoint": str(checkpoint)})
+    keys = with_training_config(checkpoint, overrides)  # the member's own network and preprocessing
+    parser.update({**keys, "bundle_root": str(bundle_dir(bundle)), "checkpoint": str(checkpoint)})
     return parser
 
 

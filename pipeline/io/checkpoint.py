@@ -1,10 +1,12 @@
 """Checkpoints written so that a crash at any moment leaves the previous one intact, and read so that
 no code runs from the file and a checkpoint that does not fit says which file and what differs.
 
-A ``model.pt`` saved by training is self-describing: ``{"network": state_dict, "dataset": facts}``,
-the facts being the datalist's header (labels, modality, name) and a fingerprint of the training
-cases, so a checkpoint copied anywhere still knows its classes and channels. Bare state dicts (older
-checkpoints, model-zoo bundles) and full training states (``latest.pt``) load as well.
+A ``model.pt`` saved by training is self-describing: ``{"network": state_dict, "dataset": facts,
+"config": keys}``, the facts being the datalist's header (labels, modality, name) and a fingerprint of
+the training cases, the keys the training's plan and the overrides that shaped its network and
+preprocessing, so a checkpoint copied anywhere still knows its classes, channels, network and
+preprocessing. Bare state dicts (older checkpoints, model-zoo bundles) and full training states
+(``latest.pt``) load as well.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pipeline.io.atomic import atomic_write
 
 NETWORK_KEY = "network"  # the network's state dict in a self-describing model.pt and in latest.pt
 DATASET_KEY = "dataset"  # the dataset facts (datalist header and training-case fingerprint)
+CONFIG_KEY = "config"  # config keys inference needs: the plan's and the network/preprocessing overrides
 
 
 class CheckpointError(RuntimeError):
@@ -60,9 +63,31 @@ def network_weights(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
     return network if isinstance(network, Mapping) else checkpoint
 
 
-def model_state(weights: Mapping[str, Any], dataset: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What ``model.pt`` holds: the weights and, when known, the dataset facts that describe them."""
-    return {NETWORK_KEY: dict(weights), DATASET_KEY: dict(dataset)} if dataset else dict(weights)
+def model_state(
+    weights: Mapping[str, Any], dataset: Mapping[str, Any] | None, config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What ``model.pt`` holds: the weights and, when known, the dataset facts and the training's config
+    keys that describe them (without either, a bare state dict, as the model zoo's)."""
+    if not dataset and not config:
+        return dict(weights)
+    state: dict[str, Any] = {NETWORK_KEY: dict(weights)}
+    if dataset:
+        state[DATASET_KEY] = dict(dataset)
+    if config:
+        state[CONFIG_KEY] = dict(config)
+    return state
+
+
+def saved_config(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The config keys a loaded checkpoint was trained with ({} for a bare state dict or an older file)."""
+    config = checkpoint.get(CONFIG_KEY)
+    return dict(config) if isinstance(config, Mapping) else {}  # a bare state dict's values are tensors
+
+
+def with_training_config(checkpoint: str | Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` over the checkpoint's training config: inference and evaluation build the network
+    and the preprocessing the weights were trained with, and the user's own keys still win."""
+    return {**saved_config(load_checkpoint(checkpoint)), **overrides}
 
 
 def dataset_facts(checkpoint: str | Path) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from monai.data.utils import correct_nifti_header_if_necessary
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
@@ -53,6 +54,7 @@ class Opened:
     voxels: Callable[[], np.ndarray]
     repairs: list[str] = field(default_factory=list)  # what nibabel changed in a broken header
     refused: str | None = None  # why the voxels are not to be read: no volume, or too large
+    reader_affine: np.ndarray | None = None  # the affine the bundles' reader gives, where it differs
 
 
 def reason(error: BaseException) -> str:
@@ -125,7 +127,11 @@ def _open_nifti(path: str, budget: int) -> Opened:
     layout = _layout(image.shape)
     refused = layout if isinstance(layout, str) else _size_guard(image.shape, budget)
     shape, channels = (image.shape, 1) if refused else layout
-    return Opened(shape, channels, image.affine, lambda: _nifti_voxels(image), messages, refused)
+    affine = image.affine.copy()
+    # MONAI's NibabelReader (the bundles' reader) takes the qform where pixdim disagrees with the sform:
+    # a pixdim of 1e30 beside a sound sform is 1e30 mm voxels in training. (It edits ``image``.)
+    loaded = None if refused else correct_nifti_header_if_necessary(image).affine
+    return Opened(shape, channels, affine, lambda: _nifti_voxels(image), messages, refused, loaded)
 
 
 def _open_series(path: str) -> Opened:

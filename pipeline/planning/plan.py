@@ -57,6 +57,7 @@ class Plan:
     def config(self) -> dict[str, Any]:
         """The config keys, as the bundles read them (lists, not tuples)."""
         keys: dict[str, Any] = {
+            "planned": True,  # MLflow tells planned runs from the bundle's defaults
             "spacing": list(self.spacing),
             "patch_size": list(self.patch_size),
             "batch_size": self.batch_size,
@@ -88,6 +89,7 @@ class Plan:
         if missing:
             raise ValueError(f"plan lacks {', '.join(sorted(missing))}")
         values = {k: v for k, v in keys.items() if k in known}
+        known.add("planned")
         return Plan(
             **{
                 **values,
@@ -158,6 +160,7 @@ def make_plan(
     workers, workers_why = rules.num_workers(device)
     norms = rules.normalisation(fp)
     reasons = {
+        "planned": "this configuration comes from a plan (an MLflow param of the training)",
         "spacing": f"target spacing: {spacing_why}",
         "patch_size": f"patch: {patch_why}",
         "batch_size": f"batch: {batch_why}",

@@ -44,6 +44,7 @@ from pipeline.tracking.safe import (
     redact_config,
 )
 from pipeline.tracking.store import TrackingUnavailable, run_folder_id
+from pipeline.training.checkpoints import SAVING_MID_EPOCH
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class RunTracker(MLFlowHandler):
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
         engine.add_event_handler(Events.TERMINATE, self.interrupted)
+        engine.register_events(SAVING_MID_EPOCH)  # idempotent: TrainingCheckpoints fires it
+        engine.add_event_handler(SAVING_MID_EPOCH, self._flush_safely)
 
     def start(self, engine: Engine) -> None:
         if self.lost:
@@ -225,6 +228,9 @@ class RunTracker(MLFlowHandler):
         if self.log_epoch_time:
             seconds = engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0
             self._safely(self._log_metrics, {"epoch_time_s": seconds}, engine.state.epoch)
+        self._safely(self.flush)
+
+    def _flush_safely(self, _: Engine) -> None:
         self._safely(self.flush)
 
     def interrupted(self, _: Engine) -> None:

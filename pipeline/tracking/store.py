@@ -11,7 +11,7 @@ from typing import Any
 
 from monai.utils import path_to_sqlite_uri
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from pipeline.paths import PROJECT_ROOT, home, in_checkout, installed_version
 
 # Fail fast instead of MLflow's minutes of retries when a tracking server is gone (a user's own
 # settings win); every tracking path imports this module first.
@@ -20,10 +20,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def local_store() -> Path:
-    """The checkout's ``mlflow/`` when running from one (what ``make mlflow-ui`` serves), else the
-    working directory's: an installed package must not write into site-packages."""
-    root = PROJECT_ROOT if (PROJECT_ROOT / "bundles").is_dir() else Path.cwd()
-    return root / "mlflow" / "mlruns.db"
+    """``mlflow/`` in medseg's home: ``MEDSEG_HOME``, else the checkout (what ``make mlflow-ui`` serves),
+    else the working directory, so an installed package never writes into site-packages."""
+    return home() / "mlflow" / "mlruns.db"
 
 
 class TrackingUnavailable(RuntimeError):
@@ -31,7 +30,10 @@ class TrackingUnavailable(RuntimeError):
 
 
 def git_commit() -> str:
-    """The project's commit, so a run says which code produced it ('unknown' outside a checkout)."""
+    """The project's commit, so a run says which code produced it; an installed package names its
+    version instead (``medseg-pipeline==0.1.0``), since site-packages has no history."""
+    if not in_checkout():
+        return installed_version()
     try:
         result = subprocess.run(
             ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10

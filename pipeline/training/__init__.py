@@ -3,5 +3,6 @@
 from pipeline.training.budget import TimeBudget
 from pipeline.training.checkpoints import TrainingCheckpoints
 from pipeline.training.progress import ProgressLogger
+from pipeline.training.validation import ValidationHandler
 
-__all__ = ["ProgressLogger", "TimeBudget", "TrainingCheckpoints"]
+__all__ = ["ProgressLogger", "TimeBudget", "TrainingCheckpoints", "ValidationHandler"]

@@ -32,6 +32,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from pipeline.io.checkpoint import (
+    CONFIG_KEY,
     DATASET_KEY,
     CheckpointError,
     load_checkpoint,
@@ -53,6 +54,10 @@ from pipeline.training.run_folder import (
 
 logger = logging.getLogger(__name__)
 
+# Fired on the trainer just before a mid-epoch ``latest.pt``: handlers that buffer (the MLflow record)
+# send what the checkpoint covers, so a resume from it leaves no gap in their series.
+SAVING_MID_EPOCH = "saving_mid_epoch"
+
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     """The bare network under DistributedDataParallel/DataParallel, so checkpoints load anywhere."""
@@ -65,7 +70,8 @@ class TrainingCheckpoints:
 
     On start, lock ``ckpt_dir`` and resume from ``latest.pt`` there if it exists. A finished run
     resumed with more epochs simply continues. ``dataset`` (``pipeline.data.datalist.dataset_facts``)
-    goes into every checkpoint, so ``model.pt`` describes itself; ``every_minutes`` also saves
+    goes into every checkpoint, so ``model.pt`` describes itself, and so does ``config``: the config keys
+    inference needs (the plan's, the network and preprocessing overrides); ``every_minutes`` also saves
     ``latest.pt`` within an epoch, so a SIGKILL loses at most that much training.
     """
 
@@ -80,6 +86,7 @@ class TrainingCheckpoints:
         stop_on_signals: bool = True,
         dataset: Mapping[str, Any] | None = None,
         every_minutes: float | None = None,
+        config: Mapping[str, Any] | None = None,
     ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
         self.network = network
@@ -89,6 +96,7 @@ class TrainingCheckpoints:
         self.map_location = map_location
         self.signals = SignalStop() if stop_on_signals else None
         self.dataset = dict(dataset) if dataset else None
+        self.config = dict(config) if config else None
         self.every_seconds = None if every_minutes is None else float(every_minutes) * 60.0
         self._saved_iteration = -1
         self._saved_at = time.monotonic()
@@ -102,9 +110,9 @@ class TrainingCheckpoints:
         return self.ckpt_dir / BEST_FILE
 
     def attach(self, trainer: Engine) -> None:
+        trainer.register_events(SAVING_MID_EPOCH)
         trainer.add_event_handler(Events.STARTED, self.start)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self.stop_if_signalled)
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, self.save_if_due)
         trainer.add_event_handler(Events.COMPLETED, self.complete)
         trainer.add_event_handler(Events.EXCEPTION_RAISED, self.restore_and_raise)
         if self.validator is not None:
@@ -121,6 +129,7 @@ class TrainingCheckpoints:
         self._saved_at = time.monotonic()
         if not trainer.has_event_handler(self.end_epoch, Events.EPOCH_COMPLETED):
             trainer.add_event_handler(Events.EPOCH_COMPLETED, self.end_epoch)
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, self.save_if_due)
             trainer.add_event_handler(Events.TERMINATE, self.save_on_terminate)
         if self.signals is not None:
             self.signals.install()
@@ -138,6 +147,7 @@ class TrainingCheckpoints:
         """Within an epoch, save every ``every_minutes`` (an epoch's end saves anyway)."""
         due = self.every_seconds is not None and time.monotonic() - self._saved_at >= self.every_seconds
         if due and trainer.state.iteration % trainer.state.epoch_length and self.signalled is None:
+            trainer.fire_event(SAVING_MID_EPOCH)  # the MLflow record catches up first, as at an epoch's end
             self.save_latest(trainer)
             logger.info("saved %s mid-epoch, at iteration %d", self.latest_path, trainer.state.iteration)
 
@@ -188,6 +198,8 @@ class TrainingCheckpoints:
         state["rng"] = rng.capture(getattr(trainer, "data_loader", None))
         if self.dataset is not None:
             state[DATASET_KEY] = self.dataset
+        if self.config is not None:
+            state[CONFIG_KEY] = self.config
         if self.validator is not None:
             state["best_metric"] = float(self.validator.state.best_metric)
             state["best_metric_epoch"] = int(self.validator.state.best_metric_epoch)
@@ -196,8 +208,8 @@ class TrainingCheckpoints:
         self._saved_at = time.monotonic()
 
     def save_model(self) -> None:
-        """``model.pt``: the bare network (unwrapped) with the dataset facts that describe it."""
-        save_atomic(model_state(unwrap(self.network).state_dict(), self.dataset), self.best_path)
+        """``model.pt``: the bare network (unwrapped) with the dataset facts and config that describe it."""
+        save_atomic(model_state(unwrap(self.network).state_dict(), self.dataset, self.config), self.best_path)
 
     def save_best_if_improved(self, validator: Engine) -> None:
         if is_main_process() and validator.state.best_metric_epoch == validator.state.epoch:

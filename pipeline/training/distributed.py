@@ -29,6 +29,22 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def data_loader_workers(cores: int | None = None) -> int:
+    """Data-loader workers for this process: 0 on two cores or fewer, else one core left for training,
+    at most 8 (``cores``: this process's share of the cores it may run on; under torchrun the node's
+    cores are shared by its processes).
+
+    Why 0 on two cores: the deterministic steps are cached (CacheDataset), so a worker only augments a
+    few patches per step, while it takes one of the two cores the convolutions use during every step;
+    with no worker the augmentation runs between steps on both cores. Beyond 8 workers a 3D pipeline
+    gains little and each one costs memory (a copy of the transforms' state).
+    """
+    if cores is None:
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return 0 if cores <= 2 else min(cores - 1, 8)
+
+
 def setup(distributed: bool) -> None:
     """Join the torchrun process group when the config is the multi-GPU one; nothing otherwise."""
     if not distributed or is_distributed():

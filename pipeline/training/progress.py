@@ -9,6 +9,8 @@ import time
 from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 
+from pipeline.training.budget import TimeBudget
+
 logger = logging.getLogger("medseg.train")
 
 
@@ -25,12 +27,17 @@ class ProgressLogger:
 
     ignite's ProgressBar estimates only the current epoch and MONAI's StatsHandler gives no
     estimate; the time left here is measured since this process started (so a resumed run
-    estimates from its own speed), validation time included.
+    estimates from its own speed), validation time included. With a time ``budget`` it is never more
+    than the budget's time left: before the budget has re-planned the epochs, ``max_epochs`` is only an
+    upper bound, and a projection from it could promise a thousand hours of a ten-minute run.
     """
 
-    def __init__(self, every: int = 1, optimizer: object | None = None) -> None:
+    def __init__(
+        self, every: int = 1, optimizer: object | None = None, budget: TimeBudget | None = None
+    ) -> None:
         self.every = max(1, int(every))
         self.optimizer = optimizer
+        self.budget = budget
         self._start: tuple[float, int] | None = None
 
     def attach(self, trainer: Engine) -> None:
@@ -43,12 +50,15 @@ class ProgressLogger:
             self._start = (time.perf_counter(), trainer.state.iteration - 1)
 
     def seconds_left(self, trainer: Engine) -> float:
+        """The projection at this process's speed, capped by the budget's time left."""
+        budget_left = self.budget.seconds_left() if self.budget is not None else math.inf
         started_at, first_iteration = self._start or (time.perf_counter(), trainer.state.iteration)
         done = trainer.state.iteration - first_iteration
         total = trainer.state.max_epochs * trainer.state.epoch_length
         if done <= 0:
-            return float("nan")
-        return (time.perf_counter() - started_at) / done * (total - trainer.state.iteration)
+            return max(budget_left, 0.0) if math.isfinite(budget_left) else float("nan")
+        projected = (time.perf_counter() - started_at) / done * (total - trainer.state.iteration)
+        return max(min(projected, budget_left), 0.0)
 
     def log_iteration(self, trainer: Engine) -> None:
         state = trainer.state
