@@ -33,8 +33,9 @@ def seeded_checkpoint(bundle: str, datalist: Path, folder: Path, overrides: Mapp
     """Random but seeded weights for ``bundle`` (timing needs no training), saved as ``model.pt``
     with the dataset facts beside it, as a training would leave them."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_dataset_info(datalist, folder)
-    parser = parser_for(bundle, "inference", {**overrides, "checkpoint": str(folder / "model.pt")})
+    info = save_dataset_info(datalist, folder)
+    # No model.pt yet to read the dataset facts from: the datalist header saved beside it serves.
+    parser = parser_for(bundle, "inference", {**overrides, "dataset_info": str(info)})
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def")
     torch.save(network.state_dict(), folder / "model.pt")

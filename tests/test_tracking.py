@@ -89,3 +89,17 @@ def test_a_mid_epoch_checkpoint_sends_the_losses_it_covers(tmp_path: Path) -> No
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), steps_in_mlflow)
     trainer.run()
     assert sent == [[1, 2]]
+
+
+def test_an_empty_run_name_file_gets_a_fresh_name(tmp_path: Path) -> None:
+    """A writer killed mid-write used to leave an empty ``mlflow_run_name.txt``, and the next training
+    took "" for its run name (MLflow's handler then attaches to any unfinished run). Now the file is
+    written atomically, and an empty one counts as absent."""
+    from pipeline.tracking.store import RUN_NAME_FILE, training_run_name
+
+    (tmp_path / RUN_NAME_FILE).write_text("")
+    name = training_run_name(tmp_path, "unet3d-train")
+    assert name.startswith("unet3d-train-")
+    assert (tmp_path / RUN_NAME_FILE).read_text().strip() == name
+    assert training_run_name(tmp_path, "unet3d-train") == name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_NAME_FILE]  # no temporary left

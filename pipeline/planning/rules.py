@@ -347,7 +347,14 @@ def measure_step(
     device = torch.device(device)
     network = network.to(device).train()
     x = torch.randn(batch, in_channels, *patch, device=device)
-    with _peak_memory(device) as peak:
+    saved: dict[int, int] = {}  # storage -> bytes of what autograd keeps for the backward pass
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with _peak_memory(device) as peak, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         start = time.perf_counter()
         out = network(x)
         out = out[0] if isinstance(out, (list, tuple)) else out
@@ -356,7 +363,13 @@ def measure_step(
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
     network.zero_grad(set_to_none=True)
-    return StepCost(peak["bytes"], seconds)
+    if device.type == "cuda":
+        return StepCost(peak["bytes"], seconds)
+    # On a CPU the resident set grows only where the allocator has no freed pages to reuse, so a
+    # process that ran larger steps before reads too little: the kept activations and the gradients
+    # are a floor that does not depend on the process's history.
+    gradients = sum(p.numel() * p.element_size() for p in network.parameters())
+    return StepCost(max(peak["bytes"], sum(saved.values()) + gradients), seconds)
 
 
 class _peak_memory:

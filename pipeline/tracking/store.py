@@ -6,11 +6,13 @@ import os
 import secrets
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from monai.utils import path_to_sqlite_uri
 
+from pipeline.io.atomic import atomic_write
 from pipeline.paths import PROJECT_ROOT, home, in_checkout, installed_version
 
 # Fail fast instead of MLflow's minutes of retries when a tracking server is gone (a user's own
@@ -71,16 +73,9 @@ RUN_NAME_FILE = "mlflow_run_name.txt"
 def training_run_name(ckpt_dir: str | Path, prefix: str) -> str:
     """The run name of the training that writes to ``ckpt_dir``: stored beside its checkpoints on
     first use, so that running the same command again continues the same MLflow run."""
-    path = Path(ckpt_dir) / RUN_NAME_FILE
-    if path.is_file():
-        return path.read_text().strip()
-    name = new_run_name(prefix)
     from pipeline.training.distributed import is_main_process
 
-    if is_main_process():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(name + "\n")
-    return name
+    return kept_text(Path(ckpt_dir) / RUN_NAME_FILE, lambda: new_run_name(prefix), write=is_main_process())
 
 
 FOLDER_ID_FILE = "mlflow_run_folder_id.txt"
@@ -89,16 +84,21 @@ FOLDER_ID_FILE = "mlflow_run_folder_id.txt"
 def run_folder_id(folder: str | Path) -> str:
     """A random identity of a run folder, kept in it: a run is tagged with it (never with the path),
     so a run name is reopened only by the folder that created it."""
-    path = Path(folder) / FOLDER_ID_FILE
-    if path.is_file():
-        return path.read_text().strip()
-    from pipeline.io.atomic import atomic_write
+    return kept_text(Path(folder) / FOLDER_ID_FILE, lambda: secrets.token_hex(8))
 
-    identity = secrets.token_hex(8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as handle:
-        handle.write((identity + "\n").encode())
-    return identity
+
+def kept_text(path: Path, make: Callable[[], str], write: bool = True) -> str:
+    """A one-line value kept in ``path``: read back when there, else made and written atomically (an
+    empty file, which a writer killed before this change could leave, counts as absent: an empty run
+    name would let MLflow's handler attach to any unfinished run)."""
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    value = make()
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as handle:
+            handle.write((value + "\n").encode())
+    return value
 
 
 def training_run_of(checkpoint: str | Path) -> str:

@@ -1,0 +1,84 @@
+"""``make bench-accuracy``: its fixed hippocampus split, and its --quick smoke mode end to end, so the
+harness cannot rot unnoticed (the real run takes hours)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.accuracy import SPLIT_FILE, arms_to_run, hippocampus_split, parse_args, split_names, write_split
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_split_is_fixed_disjoint_and_points_at_the_shared_files(shared_data: Path, tmp_path: Path) -> None:
+    dataset = shared_data / "msd_hippocampus" / "dataset.json"
+    split = hippocampus_split(dataset, seed=0, num_test=40, num_train=None)
+    names = split_names(split)
+    assert split_names(hippocampus_split(dataset, seed=0, num_test=40, num_train=None)) == names
+    assert split_names(hippocampus_split(dataset, seed=1, num_test=40, num_train=None)) != names
+    assert (len(names["test"]), len(names["train"])) == (40, 160)
+    assert not set(names["test"]) & set(names["train"])
+    assert sorted(case["fold"] for case in split["training"][:5]) == [0, 1, 2, 3, 4]
+    image = Path(split["test"][0]["image"])
+    assert image.is_absolute() and image.is_file() and image.is_relative_to(shared_data.resolve())
+    assert split["labels"] == {"0": "background", "1": "Anterior", "2": "Posterior"}
+
+
+def test_another_split_is_refused_while_arms_trained_on_the_first_remain(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    dataset = shared_data / "msd_hippocampus" / "dataset.json"
+    path, runs = tmp_path / SPLIT_FILE, tmp_path / "runs"
+    write_split(hippocampus_split(dataset, 0, 2, 4), path, runs, fresh=False)
+    (runs / "unet3d" / "planned").mkdir(parents=True)
+    write_split(hippocampus_split(dataset, 0, 2, 4), path, runs, fresh=False)  # the same: kept
+    with pytest.raises(ValueError, match="--fresh"):
+        write_split(hippocampus_split(dataset, 1, 2, 4), path, runs, fresh=False)
+    write_split(hippocampus_split(dataset, 1, 2, 4), path, runs, fresh=True)
+    assert not runs.exists() and split_names(json.loads(path.read_text())) == split_names(
+        hippocampus_split(dataset, 1, 2, 4)
+    )
+
+
+def test_absent_mni_data_is_skipped_and_said(shared_data: Path, tmp_path: Path) -> None:
+    args = parse_args(
+        ["--bundles", "resunet", "--work", str(tmp_path), "--mni-data", str(tmp_path / "no.json")]
+    )
+    results: dict = {}
+    arms = arms_to_run(args, tmp_path / SPLIT_FILE, results)
+    assert [(arm.dataset, arm.bundle, arm.arm) for arm in arms] == [
+        ("hippocampus", "resunet", "planned"),
+        ("hippocampus", "resunet", "defaults"),
+    ]
+    assert "prepare_mni_brain.py" in results["mni_skipped"]
+    assert arms[0].overrides == {}  # the issue's command: no argument beyond --minutes
+
+
+@pytest.mark.long  # two real trainings and evaluations in their own processes: about 2.5 minutes
+def test_quick_bench_scores_both_arms_and_resumes(shared_data: Path, tmp_path: Path) -> None:
+    out, work = tmp_path / "accuracy.json", tmp_path / "work"
+    command = [sys.executable, "-m", "bench.accuracy", "--quick", "--work", str(work), "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    rows = {row["arm"]: row for row in results["rows"]}
+    assert set(rows) == {"planned", "defaults"}
+    for row in rows.values():
+        assert set(row["dice"]) == {"Anterior", "Posterior"}
+        assert all(0 <= score <= 1 for score in [*row["dice"].values(), row["dice_mean"], row["iou_mean"]])
+        assert row["iterations"] > 0 and row["train_min"] > 0 and row["test_cases"] == 2
+    assert rows["planned"]["settings"]["planned"] and not rows["defaults"]["settings"]["planned"]
+    assert rows["planned"]["settings"]["plan"]["patch_size"] != [96, 96, 96]  # what the plan chose
+    assert (len(results["split"]["train"]), len(results["split"]["test"])) == (4, 2)
+    assert "| unet3d | planned |" in done.stdout and "| unet3d | defaults |" in done.stdout
+    assert (work / "mlflow" / "mlruns.db").is_file()  # its own MLflow store, not the project's
+    logs = {path: path.stat().st_size for path in work.rglob("train.log")}
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {path: path.stat().st_size for path in work.rglob("train.log")} == logs  # nothing retrained
+    assert json.loads(out.read_text())["rows"] == results["rows"]
