@@ -15,6 +15,8 @@ from pipeline.cli import main
 from pipeline.compare import PARENT_TAG, STATE_FILE, compare
 from pipeline.data.datalist import cases
 
+# The race of two bundles takes minutes on 2 cores: `make test-long`; the fast compare tests below stay.
+RACE = pytest.mark.long
 BUNDLES = ("resunet", "attention_unet")  # both take `channels`, so one override shrinks both
 
 
@@ -27,6 +29,7 @@ def raced(phantom_datalist: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     return {"root": root, "uri": uri, "board": board, "datalist": phantom_datalist, "overrides": overrides}
 
 
+@RACE
 def test_leaderboard_ranks_every_bundle_with_and_without_tta_and_the_ensemble(raced: dict) -> None:
     text = raced["board"].read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| rank")]
@@ -46,6 +49,7 @@ def test_leaderboard_ranks_every_bundle_with_and_without_tta_and_the_ensemble(ra
     assert "<table>" in raced["board"].with_suffix(".html").read_text()
 
 
+@RACE
 def test_mlflow_holds_a_parent_run_with_a_child_per_bundle(raced: dict) -> None:
     client = mlflow.tracking.MlflowClient(raced["uri"])
     state = json.loads((raced["board"].parent / STATE_FILE).read_text())
@@ -64,6 +68,7 @@ def test_mlflow_holds_a_parent_run_with_a_child_per_bundle(raced: dict) -> None:
         assert sorted(run.data.params["tta"] for run in evaluations) == ["False", "True"]
 
 
+@RACE
 def test_the_ensemble_segmentation_is_in_the_input_space(raced: dict) -> None:
     (folder,) = raced["board"].parent.glob("ensemble_*/fold0/predictions")
     (case,) = cases(raced["datalist"], role="test")
@@ -74,6 +79,7 @@ def test_the_ensemble_segmentation_is_in_the_input_space(raced: dict) -> None:
     assert set(np.unique(np.asarray(segmentation.dataobj))) <= {0, 1, 2}
 
 
+@RACE
 def test_a_rerun_resumes_without_training_again(raced: dict) -> None:
     race = raced["board"].parent
     models = sorted(race.glob("*/fold0/models/model.pt"))
