@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.planning.fingerprint import Fingerprint
+from pipeline.training.distributed import data_loader_workers
 
 CT_MODALITIES = ("CT",)
 ANISOTROPY_RATIO = 3.0  # largest/smallest median spacing beyond which the data counts as anisotropic
@@ -303,15 +304,11 @@ def batch_size(
 
 
 def num_workers(device: Device) -> tuple[int, str]:
-    """Data-loader workers: cores - 1 (the main process trains), at most 8, and 0 on two cores or fewer.
-
-    Why 0 there: the deterministic steps are cached (CacheDataset), so a worker only augments one
-    small patch per step, while on two cores it takes one of the two threads the convolutions use
-    during every step; with no worker the augmentation runs between steps on both cores.
-    """
-    if device.cores <= 2:
+    """Data-loader workers: the training's own rule (``data_loader_workers``, whose docstring says why
+    none on two cores), with the reason the plan's comment gives."""
+    workers = data_loader_workers(device.cores)
+    if workers == 0:
         return 0, f"{device.cores} cores: augmentation between steps, both cores for the network"
-    workers = min(device.cores - 1, 8)
     return workers, f"{device.cores} cores: one left for the training process"
 
 
