@@ -46,6 +46,7 @@ bench-accuracy: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 mlflow-ui: setup
 	@mkdir -p mlflow

@@ -13,20 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.bundle import ConfigParser
 from monai.utils import set_determinism
 
 from bench.sampling import SampledNetwork
+from pipeline.bundle_parser import bundle_parser
 from pipeline.data.datalist import save_dataset_info
-from pipeline.workflows import bundle_dir, config_files, meta_files
+from pipeline.io.checkpoint import load_network_weights
 
-
-def parser_for(bundle: str, workflow: str, overrides: Mapping[str, Any]) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_meta(meta_files(bundle))
-    parser.read_config(config_files(bundle, workflow))
-    parser.update({"bundle_root": str(bundle_dir(bundle)), **overrides})
-    return parser
+parser_for = bundle_parser  # the name bench/scaling.py still imports
 
 
 def seeded_checkpoint(bundle: str, datalist: Path, folder: Path, overrides: Mapping[str, Any]) -> Path:
@@ -35,7 +29,7 @@ def seeded_checkpoint(bundle: str, datalist: Path, folder: Path, overrides: Mapp
     folder.mkdir(parents=True, exist_ok=True)
     info = save_dataset_info(datalist, folder)
     # No model.pt yet to read the dataset facts from: the datalist header saved beside it serves.
-    parser = parser_for(bundle, "inference", {**overrides, "dataset_info": str(info)})
+    parser = bundle_parser(bundle, "inference", {**overrides, "dataset_info": str(info)})
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def")
     torch.save(network.state_dict(), folder / "model.pt")
@@ -46,9 +40,8 @@ def build_network(
     bundle: str, checkpoint: Path, overrides: Mapping[str, Any]
 ) -> tuple[torch.nn.Module, dict]:
     """The bundle's network with the checkpoint's weights, and the settings the baseline must share."""
-    parser = parser_for(bundle, "inference", {**overrides, "checkpoint": str(checkpoint)})
-    network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    parser = bundle_parser(bundle, "inference", overrides, checkpoint=checkpoint)
+    network = load_network_weights(parser.get_parsed_content("network_def"), checkpoint)
     keys = ("patch_size", "spacing", "ct_window", "modality", "num_classes", "sw_batch_size")
     return network, {key: parser.get_parsed_content(key) for key in keys}
 
@@ -63,8 +56,8 @@ def inference(
 ) -> tuple[float, SampledNetwork]:
     """Segment ``images`` with the bundle's inference workflow; returns its wall seconds and the
     sampled network (windows, seconds per window)."""
-    settings = {"input": list(images), "output_dir": str(output_dir), "checkpoint": str(checkpoint)}
-    parser = parser_for(bundle, "inference", {**settings, "overwrite": True, **(overrides or {})})
+    settings = {"input": list(images), "output_dir": str(output_dir), "overwrite": True}
+    parser = bundle_parser(bundle, "inference", {**settings, **(overrides or {})}, checkpoint=checkpoint)
     evaluator = parser.get_parsed_content("evaluator")
     sampled = SampledNetwork(evaluator.network, sample_calls)
     evaluator.network = sampled
@@ -81,7 +74,7 @@ def training_parts(
 ) -> dict[str, Any]:
     """The train config's network, optimizer, loss and (if ``loader``) data loader; nothing else."""
     settings = {"datalist": str(datalist), "output_dir": str(workdir), "ckpt_dir": str(workdir / "models")}
-    parser = parser_for(bundle, "train", {**settings, **overrides})
+    parser = bundle_parser(bundle, "train", {**settings, **overrides})
     set_determinism(seed=parser["seed"])
     names = {"network": "network", "optimizer": "optimizer", "loss": "loss"}
     if loader:

@@ -34,7 +34,7 @@ DATA_DIR = BENCH_DIR.parent / "data" / "cache" / "bench"  # git-ignored; volumes
 DICE_DATALIST = BENCH_DIR.parent / "data" / "mni_brain" / "datalist.json"
 FULL = {"volume": (512, 512, 300), "train_volume": (512, 512, 64), "overrides": {}}
 QUICK_NETWORKS = {
-    "unet3d": {"features": [4, 8, 16, 32, 64, 4]},
+    "unet3d": {"features": [4, 8, 16, 32, 64]},
     "resunet": {"channels": [4, 8, 16, 32, 64]},
     "attention_unet": {"channels": [4, 8, 16, 32, 64]},
     "unetr": {"feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4},

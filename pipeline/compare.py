@@ -160,11 +160,6 @@ def held_out_split(datalist: Path, folds: int) -> str:
     return "validation"
 
 
-def tracking_settings(comparison: Comparison) -> Mapping[str, Any]:
-    keys = ("tracking_uri", "experiment_name")
-    return {key: comparison.overrides[key] for key in keys if key in comparison.overrides}
-
-
 def open_parent_run(comparison: Comparison, client: Any, experiment: str) -> str:
     """The comparison's MLflow run: created once, reopened when the comparison resumes."""
     from pipeline.tracking import git_commit, new_run_name
@@ -435,48 +430,6 @@ def describe_budget(comparison: Comparison, split: str) -> str:
         folds = "the validation cases of fold 0 (the datalist has no labelled test cases)"
     seed = comparison.overrides.get("seed", 0)
     return f"budget: {', '.join(p for p in parts if p)}; scored on {folds}; seed {seed}"
-
-
-def add_compare_command(commands: Any) -> None:
-    command = commands.add_parser(
-        "compare", help="train and score several bundles on the same data and budget; write a leaderboard"
-    )
-    command.add_argument("--data", required=True, help="datalist JSON")
-    command.add_argument("--bundles", default=",".join(DEFAULT_BUNDLES), help="comma-separated bundle names")
-    budget = command.add_argument_group("budget (the same for every bundle)")
-    budget.add_argument("--epochs", type=int, help="epochs per bundle (with --minutes: the upper bound)")
-    budget.add_argument("--minutes", type=float, help="wall-clock training minutes per bundle and fold")
-    command.add_argument(
-        "--folds", type=int, default=1, help="k-fold cross-validation over the datalist folds"
-    )
-    command.add_argument("--output", default="outputs/compare", help="folder (rerun the command to resume)")
-    command.add_argument("--no-tta", action="store_true", help="skip the rows with test-time mirroring")
-    command.add_argument("--no-ensemble", action="store_true", help="skip the ensemble of the best two")
-    command.add_argument("--no-plan", action="store_true", help="race the bundles' defaults, unplanned")
-    from pipeline.cli import add_tracking_options
-
-    add_tracking_options(command)
-    command.epilog = "Trailing key=value arguments override config ids of every bundle (spacing=[2,2,2])."
-    command.set_defaults(func=_compare_command, takes_overrides=True)
-
-
-def _compare_command(args: Any) -> None:
-    from pipeline.cli import parse_overrides, tracking_overrides
-
-    leaderboard = compare(
-        args.data,
-        args.output,
-        [name.strip() for name in args.bundles.split(",") if name.strip()],
-        epochs=args.epochs,
-        minutes=args.minutes,
-        folds=args.folds,
-        overrides={**tracking_overrides(args), **parse_overrides(args.overrides)},
-        tta=not args.no_tta,
-        ensemble=not args.no_ensemble,
-        plan=not args.no_plan,
-    )
-    print(leaderboard.read_text())
-    print(f"leaderboard: {leaderboard} (and {leaderboard.with_suffix('.html').name})")
 
 
 if __name__ == "__main__":

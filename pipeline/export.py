@@ -2,19 +2,17 @@
 
 Here a workflow is composed at run time from ``bundles/common/`` and the bundle's ``model.yaml``;
 a model-zoo user expects one merged config per workflow, run with plain ``python -m monai.bundle
-run`` from the bundle's folder. The configs still import the installed ``pipeline`` package.
+run`` from the bundle's folder; ``pipeline.export_zoo`` adds what the model zoo checks for.
 MONAI and ``pipeline.workflows`` are imported inside functions: ``medseg`` registers this command
 on every start, and importing them costs seconds.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -52,14 +50,17 @@ ABSOLUTE = re.compile(r"""^(?:/|~/|[A-Za-z]:[\\/]|\\\\)|[(\[,=]\s*['"](?:/|~/|[A
 # A path climbing out of the bundle folder (``../``), as a macro (``%../x.yaml::id``) or inside an expression.
 PARENT = re.compile(r"(?:^|[^\w.])\.\.[/\\]")
 NOTE = (
-    "> Exported from medseg-pipeline (bundle `{name}`, version {version}). The configs import its "
-    "`pipeline` package: `pip install medseg-pipeline` first. Run the commands below from this folder; "
-    "the data paths in them are examples.\n"
+    "> Exported from medseg-pipeline (bundle `{name}`, version {version}). Inference and evaluation run "
+    "with MONAI and the packages of `configs/metadata.json` (`required_packages_version`): the components "
+    "they name are in `scripts/`. Training (`configs/train.json`) imports the `pipeline` package for its "
+    "run tracking and resumption: `pip install medseg-pipeline` first. Run the commands below from this "
+    "folder; the data paths in them are examples.\n"
 )
 
 
 def export_bundle(name: str, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
     """Write the bundle to ``out_dir``, all or nothing: built beside it, then renamed into place."""
+    from pipeline import export_zoo as zoo  # imports MONAI: seconds on every medseg start otherwise
     from pipeline.workflows import bundle_dir
 
     target = Path(out_dir).absolute()
@@ -68,15 +69,18 @@ def export_bundle(name: str, out_dir: str | Path, checkpoint: str | Path | None 
     bundle_dir(name)  # an unknown bundle fails here, before anything is written
     if checkpoint is not None:
         _require_state_dict(checkpoint)
+    facts, trained = zoo.trained_facts(checkpoint)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.export-"))
     try:
         staging.chmod(0o755)  # mkdtemp's 0700 would make the bundle private to its writer
         metadata = _write_configs(name, staging / "configs")
-        _write_docs(name, metadata["version"], staging / "docs")
+        zoo.bake_trained_facts(staging / "configs", facts, trained)
         if checkpoint is not None:
             _copy_weights(Path(checkpoint), staging / "models")
         check_portable(staging / "configs", name)
+        unscripted = zoo.finish(staging, metadata, facts)  # scripts/ and what the model zoo checks
+        _write_docs(name, metadata["version"], staging / "docs", unscripted)
         if target.is_dir():
             target.rmdir()  # empty, checked above; rename will not replace a folder everywhere
         staging.rename(target)
@@ -277,13 +281,16 @@ def exported_options(workflow: str, tracking: bool) -> str:
     return " \\\n    ".join(options + (["--tracking mlflow"] if tracking else []))
 
 
-def _write_docs(name: str, version: str, folder: Path) -> None:
-    """The bundle's README with its commands rewritten, and a note on what the export needs."""
+def _write_docs(name: str, version: str, folder: Path, unscripted: str | None = None) -> None:
+    """The bundle's README with its commands rewritten, and a note on what the export needs (and why
+    it has no TorchScript weights, when it has none)."""
     from pipeline.workflows import bundle_dir
 
     text = rewrite_commands((bundle_dir(name) / "docs" / "README.md").read_text())
     text = text.replace("(from the repository root)", "(from this folder)")
     note = NOTE.format(name=name, version=version)
+    if unscripted:
+        note += f"> No `models/model.ts`: {unscripted}; use `models/model.pt`.\n"
     title, _, rest = text.partition("\n")
     text = f"{title}\n\n{note}\n{rest.lstrip()}" if title.startswith("# ") else f"{note}\n{text}"
     folder.mkdir(parents=True)
@@ -306,20 +313,3 @@ def _copy_weights(checkpoint: Path, models: Path) -> None:
             "models/dataset.json",
             stacklevel=3,
         )
-
-
-def add_export_command(commands: argparse._SubParsersAction) -> None:
-    """``medseg export-bundle NAME OUT_DIR [--checkpoint FILE]``."""
-    export = commands.add_parser("export-bundle", help="write a self-contained model-zoo bundle folder")
-    export.add_argument("bundle", metavar="NAME")
-    export.add_argument("out_dir", metavar="OUT_DIR")
-    export.add_argument("--checkpoint", metavar="FILE", help="weights to ship as models/model.pt")
-    export.set_defaults(func=_export_command)
-
-
-def _export_command(args: argparse.Namespace) -> None:
-    try:
-        print(export_bundle(args.bundle, args.out_dir, args.checkpoint))
-    except FileExistsError as error:  # medseg's main reports only its own error types as one line
-        print(f"medseg: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None

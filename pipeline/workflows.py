@@ -20,16 +20,10 @@ from typing import Any
 from monai.bundle import ConfigParser
 from monai.bundle import run as run_bundle_config
 
+from pipeline.bundle_parser import bundle_parser
 from pipeline.inference.batch import CaseFailures, Failure, cases_to_segment
 from pipeline.io.atomic import DiskFullError
-from pipeline.io.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_weights,
-    network_weights,
-    saved_config,
-    with_training_config,
-)
+from pipeline.io.checkpoint import CheckpointError, load_network_weights, with_training_config
 from pipeline.io.dicom import SERIES_SEPARATOR, split_series_path
 from pipeline.paths import (  # noqa: F401  (re-exported: callers import the bundle locations from here)
     BUNDLES_DIR,
@@ -112,29 +106,16 @@ def require_fitting_checkpoint(
     ``overrides``), checked before any data is read: a wrong one fails here, naming the file and the
     first differing parameter."""
     path = require_checkpoint(checkpoint)
-    state = load_checkpoint(path)
-    parser = ConfigParser()
-    parser.read_meta(meta_files(name))
-    parser.read_config(config_files(name, workflow))
-    parser.update(
-        {
-            **saved_config(state),
-            **overrides,
-            "bundle_root": str(bundle_dir(name)),
-            "checkpoint": str(path.resolve()),
-        }
-    )
+    parser = bundle_parser(name, workflow, overrides, checkpoint=path)
     with user_errors():
         network = parser.get_parsed_content("network_def")
-    load_weights(network, network_weights(state), path)
+    load_network_weights(network, path)
     return path
 
 
 def describe(name: str) -> dict[str, Any]:
     """Version and parameter count of a bundle's network, built for its metadata's channels."""
-    parser = ConfigParser()
-    parser.read_config(config_files(name, "inference"))
-    parser.read_meta(meta_files(name))
+    parser = bundle_parser(name, "inference")
     io_format = parser["_meta_::network_data_format"]
     parser["in_channels"] = io_format["inputs"]["image"]["num_channels"]
     parser["num_classes"] = io_format["outputs"]["pred"]["num_channels"]
@@ -249,8 +230,8 @@ def train(
         "ckpt_dir": str(ckpt_dir),
         "training_config": training_config(planned, overrides),
     }
-    if epochs is not None:
-        settings["max_epochs"] = int(epochs)
+    if epochs is not None:  # over the plan's cap too
+        overrides["max_epochs"] = int(epochs)
     if nproc > 1:
         launch_distributed(name, nproc, {**settings, **overrides}, tracking)
     else:

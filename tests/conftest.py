@@ -12,7 +12,7 @@ import pytest
 # Bundle settings that shrink inputs and networks so a CPU trains every bundle in seconds.
 SMALL_INPUTS = {"patch_size": [32, 32, 32], "spacing": [2.0, 2.0, 2.0], "num_workers": 0, "sw_batch_size": 2}
 TINY_NETWORKS = {
-    "unet3d": {"features": [4, 8, 16, 32, 64, 4]},
+    "unet3d": {"features": [4, 8, 16, 32, 64]},
     "resunet": {"channels": [4, 8, 16, 32, 64]},
     "attention_unet": {"channels": [4, 8, 16, 32, 64]},
     "unetr": {"feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4},
@@ -83,3 +83,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared sample data not found at {SHARED_DATA} (only present beside a project checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_unet3d_checkpoint(phantom_datalist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch of the tiny unet3d on the phantoms (labels background, organ, core): weights that load,
+    cheaply, for the tests that export or load a trained checkpoint."""
+    from pipeline.workflows import train  # here: conftest is imported by every test, most need no bundle
+
+    out = tmp_path_factory.mktemp("trained")
+    models = train(
+        "unet3d", phantom_datalist, out, epochs=1, overrides=tiny("unet3d"), tracking=False, plan=False
+    )
+    return models / "model.pt"

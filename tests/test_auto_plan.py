@@ -28,7 +28,7 @@ from tests.mlflow_artifacts import all_runs, leaks
 from tests.test_plan import CPU, by_voxels
 from tests.test_planning_rules import made_up
 
-SHAPING = {"features": [4, 8, 16, 32, 64, 4], "patch_size": [32, 32, 16], "spacing": [2.0, 2.0, 2.0]}
+SHAPING = {"features": [4, 8, 16, 32, 64], "patch_size": [32, 32, 16], "spacing": [2.0, 2.0, 2.0]}
 
 
 def same_space(image: Path, segmentation: Path) -> None:
@@ -42,12 +42,12 @@ def test_medseg_train_plans_the_run_folder_and_infer_reads_the_saved_plan(
 ) -> None:
     run, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlruns.db'}"
     command = ["train", "resunet", "--data", str(phantom_datalist), "--output", str(run), "--epochs", "1"]
-    assert main([*command, "--minutes", "5", "--tracking-uri", uri]) == 0
+    assert main([*command, "--minutes", "1", "--tracking-uri", uri]) == 0
     printed = capsys.readouterr().out
     assert "plan for resunet" in printed and "patch [" in printed and "spacing (" in printed
     plan = yaml.safe_load((run / PLAN_FILE).read_text())
     assert (run / RUN_FINGERPRINT).is_file()
-    assert plan["planned"] is True and plan["time_budget_minutes"] == 5
+    assert plan["planned"] is True and plan["time_budget_minutes"] == 1
     assert plan["patch_size"] != [96, 96, 96], "the phantoms' own size, not the bundle's default"
     saved = load_checkpoint(run / "models" / "model.pt")[CONFIG_KEY]
     assert saved == {
@@ -123,7 +123,7 @@ def test_the_saved_config_keeps_model_keys_and_drops_training_paths_and_tracking
     overrides = {
         "patch_size": (48, 48, 32), "network_def::dropout": 0.1, "ct_clip": None, "tracking_uri": "sqlite:///x",
         "max_epochs": 5, "learning_rate": 0.1, "rotate90_axes": [0, 2], "train::trainer::amp": False,
-        "dataset_dir": tmp_path, "run_name": "r", "features": "$[4] * 6", "seed": 3,
+        "dataset_dir": tmp_path, "run_name": "r", "features": "$[4] * 5", "seed": 3,
     }  # fmt: skip
     assert training_config(plan, overrides) == {
         "spacing": [1.0, 1.0, 2.0], "channels": [8, 16], "patch_size": [48, 48, 32],

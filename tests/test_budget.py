@@ -91,6 +91,16 @@ def test_the_budget_chooses_short_epochs_and_fits_the_schedule_to_them() -> None
     assert state.iteration < 1000 and state.epoch == state.max_epochs == schedule.t_total >= 2
 
 
+def test_an_epoch_of_a_small_dataset_spans_several_passes_of_its_loader() -> None:
+    """Six items and steps of 20 ms in a 2 s budget: an epoch is a tenth of the budget (about 10 steps),
+    not one pass of 6, so validation does not follow every sixth step."""
+    trainer = Engine(lambda engine, batch: time.sleep(0.02))
+    TimeBudget(minutes=2 / 60).attach(trainer)
+    trainer.run(list(range(6)), max_epochs=1000)
+    assert trainer.state.epoch_length > 6, "longer than one pass of the six items"
+    assert trainer.state.epoch == trainer.state.max_epochs < 1000, "the budget ended it, not the cap"
+
+
 def test_an_explicit_epoch_length_is_kept() -> None:
     """``iterations_per_epoch`` 30 is kept where the budget would have chosen at most 5."""
     trainer = Engine(lambda engine, batch: time.sleep(0.02))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
@@ -20,7 +21,6 @@ import torch
 from conftest import SMALL_INPUTS, TINY_NETWORKS, tiny
 from monai.bundle import verify_net_in_out
 
-import mlflow
 from pipeline.data.datalist import cases
 from pipeline.workflows import (
     BUNDLES_DIR,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import resource
@@ -16,10 +15,10 @@ import pytest
 from conftest import PHANTOM_AFFINE
 from dicom_factory import expected_affine, write_series
 
+from pipeline.cli import main
 from pipeline.data.check import (
     DataCheckError,
     Finding,
-    add_check_command,
     check_case,
     check_datalist,
     check_image,
@@ -274,21 +273,14 @@ def test_empty_roles_and_an_unreadable_datalist(tmp_path: Path, phantom_datalist
     assert "cannot be used as a datalist" in check_datalist(broken)[0].problem
 
 
-def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="medseg")
-    add_check_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_cli_exits_1_with_the_report_and_0_on_clean_data(
     tmp_path: Path, corpus: dict[str, Path], phantom_datalist: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    assert run_cli(["check", str(mixed_datalist(tmp_path, corpus))]) == 1
+    assert main(["check", str(mixed_datalist(tmp_path, corpus))]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == "7 cases checked: 5 errors, 0 warnings"
     assert any(line.startswith("error: ") and line.endswith("missing.nii.gz: does not exist") for line in out)
-    assert run_cli(["check", str(phantom_datalist)]) == 0
+    assert main(["check", str(phantom_datalist)]) == 0
     assert capsys.readouterr().out == "5 cases checked: 0 errors, 0 warnings\n"
 
 

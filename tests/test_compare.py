@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
 from conftest import SMALL_INPUTS, TINY_NETWORKS
 
-import mlflow
 from pipeline.cli import main
 from pipeline.compare import PARENT_TAG, STATE_FILE, compare
 from pipeline.data.datalist import cases

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from collections import Counter
@@ -14,15 +13,15 @@ import pytest
 from dicom_factory import write_series
 from monai.transforms import LoadImaged
 
+from pipeline.cli import main
 from pipeline.data import datalist
 from pipeline.data.build import (
-    add_datalist_command,
     assign_folds,
     build_datalist,
     relative,
     validation_cases,
 )
-from pipeline.data.layouts import case_name
+from pipeline.io.names import case_name
 from pipeline.io.readers import NiftiOrDicomReader
 
 SHAPE = (8, 7, 6)
@@ -244,12 +243,9 @@ def test_options_name_labels_and_modality_and_force_a_layout(tmp_path: Path) -> 
     assert datalist.label_names(out) == {0: "bg", 1: "a", 2: "b", 3: "c"} and datalist.modality(out) == "CT"
 
 
-def test_cli_command_through_argparse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = write_msd(tmp_path / "Task03_Liver", cases=4)
-    parser = argparse.ArgumentParser()
-    add_datalist_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["datalist", str(root), "--folds", "2", "--seed", "1", "--modality", "MRI"])
-    args.func(args)
+    assert main(["datalist", str(root), "--folds", "2", "--seed", "1", "--modality", "MRI"]) == 0
     assert "4 labelled cases, 1 test" in capsys.readouterr().out
     assert datalist.modality(root / "datalist.json") == "MRI"
 

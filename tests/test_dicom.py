@@ -7,7 +7,6 @@ and writes real files.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import logging
@@ -26,12 +25,12 @@ from monai.transforms import Compose, LoadImaged, SaveImaged
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from pipeline.cli import main
 from pipeline.io.dicom import (
     SIDECAR_FIELDS,
     DicomReadError,
     MultipleSeriesError,
     SeriesGeometryError,
-    add_dicom2nifti_command,
     dicom_to_nifti,
     find_series,
     is_dicom_file,
@@ -282,10 +281,7 @@ def test_dicom_to_nifti_converts_a_tree_without_identifiers(
 
 def test_dicom2nifti_command_prints_the_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_series(tmp_path / "series", stored_volume())
-    parser = argparse.ArgumentParser()
-    add_dicom2nifti_command(parser.add_subparsers())
-    args = parser.parse_args(["dicom2nifti", str(tmp_path / "series"), str(tmp_path / "out")])
-    args.func(args)
+    assert main(["dicom2nifti", str(tmp_path / "series"), str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(path) for path in sorted((tmp_path / "out").glob("*.nii.gz"))]
     assert len(printed) == 1
@@ -353,10 +349,7 @@ def test_dicom2nifti_reports_an_unreadable_file_converts_the_rest_and_keeps_outp
     sources = write_tree(tmp_path / "export")
     damaged = sources["CT"] / "damaged.dcm"
     damaged.write_bytes(next(sources["MR"].glob("*")).read_bytes()[:300])  # DICM magic, then cut off
-    parser = argparse.ArgumentParser()
-    add_dicom2nifti_command(parser.add_subparsers())
-    args = parser.parse_args(["dicom2nifti", str(tmp_path / "export"), str(tmp_path / "out")])
-    assert args.func(args) == 1
+    assert main(["dicom2nifti", str(tmp_path / "export"), str(tmp_path / "out")]) == 1
     printed, errors = capsys.readouterr()
     assert sorted(Path(line).name[:2] for line in printed.split()) == ["CT", "MR"], "the others converted"
     assert "1 DICOM file(s) or series could not be converted" in errors and f"{damaged}: " in errors

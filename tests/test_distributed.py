@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 from conftest import tiny
 
-import mlflow
 from pipeline.workflows import PROJECT_ROOT
 
 

@@ -16,11 +16,11 @@ from conftest import write_dataset
 
 from pipeline.cli import main
 from pipeline.data.datalist import cases
-from pipeline.data.layouts import case_name
 from pipeline.evaluation import evaluate_predictions
 from pipeline.evaluation.html_report import ranked_cases
 from pipeline.evaluation.metrics import ClassScores
 from pipeline.evaluation.report import CaseResult
+from pipeline.io.names import case_name
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -136,7 +136,18 @@ def test_missing_or_mismatched_predictions_are_named(
     image = nib.load(next(iter(cases(dataset, role="validation")))["label"])
     cropped = nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), image.affine)
     nib.save(cropped, tmp_path / "predictions" / f"{names[0]}_seg.nii.gz")
-    with pytest.raises(ValueError, match=f"{names[0]}_seg.nii.gz has shape"):
+    with pytest.raises(
+        ValueError, match=f"{names[0]}_seg.nii.gz is not on the voxel grid.*shape 5x5x5 differs"
+    ):
+        evaluate_predictions(tmp_path / "predictions", dataset, tmp_path / "out", split="validation")
+
+    moved = image.affine.copy()
+    moved[:3, 3] += 0.5  # half a millimetre: a misregistration, not round-off
+    nib.save(
+        nib.Nifti1Image(np.asanyarray(image.dataobj), moved),
+        tmp_path / "predictions" / f"{names[0]}_seg.nii.gz",
+    )
+    with pytest.raises(ValueError, match=r"origin shifted by 0\.5x0\.5x0\.5 mm"):
         evaluate_predictions(tmp_path / "predictions", dataset, tmp_path / "out", split="validation")
 
 

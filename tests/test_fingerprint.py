@@ -45,7 +45,7 @@ def test_hippocampus_plans_near_40x56x40_whatever_the_order(shared_data: Path, t
     plan = make_plan(fp, "resunet", CPU, step_bytes=by_voxels)
     assert plan.spacing == (1.0, 1.0, 1.0)
     assert all(abs(p - q) <= 8 for p, q in zip(plan.patch_size, (40, 56, 40), strict=True)), plan.patch_size
-    fixed = make_plan(fp, "unet3d", CPU, step_bytes=by_voxels).patch_size  # BasicUNet: four 2x poolings
+    fixed = make_plan(fp, "multiresunet", CPU, step_bytes=by_voxels).patch_size  # four 2x poolings
     assert all(p % 16 == 0 and 32 <= p <= 64 for p in fixed), fixed
     again = fingerprint(backward)
     assert again == fp

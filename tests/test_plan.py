@@ -34,7 +34,16 @@ def ct_datalist(tmp_path: Path) -> Path:
 
 def test_plan_yaml_composes_after_the_bundle_model(tmp_path: Path) -> None:
     fp = made_up([(60, 60, 60)] * 4, [(1.0, 1.0, 1.0)] * 4, modality="CT")
-    plan = make_plan(fp, "unet3d", CPU, minutes=10, step_bytes=by_voxels)
+    timed = []
+
+    def seconds(patch: tuple[int, ...], batch: int, keys: dict) -> float:  # 0.01 s per channel of width
+        timed.append(keys["features"][0])
+        return keys["features"][0] * 0.01
+
+    plan = make_plan(fp, "unet3d", CPU, minutes=10, step_bytes=by_voxels, step_seconds=seconds)
+    # 480 s of training at 1.6x the step: widths 8, 16, 24 reach 1000 steps, 32 (937) does not
+    assert timed == [8, 16, 24, 32] and plan.network["features"] == [24, 48, 96, 192, 320]
+    assert "Steps: expected about 1250 training steps in 10 min" in plan.to_yaml()
     path = write_plan(plan, tmp_path / "plan.yaml")
     text = path.read_text()
     assert all("  # " in line for line in text.splitlines() if not line.startswith("#"))
@@ -49,11 +58,30 @@ def test_plan_yaml_composes_after_the_bundle_model(tmp_path: Path) -> None:
     assert parser.get_parsed_content("spacing") == list(plan.spacing)
     assert parser.get_parsed_content("time_budget_minutes") == 10
     network = parser.get_parsed_content("network_def")
-    assert network.conv_0.conv_0.conv.out_channels == 32
-    assert network.down_4.convs.conv_0.conv.out_channels == 320  # planned features, not the default 512
+    assert network.input_block.conv1.conv.out_channels == 24  # the budget's width, not the bundle's 32
+    assert network.bottleneck.conv1.conv.out_channels == 320
+    assert network.strides == [1, [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]  # four for the 64^3 patch
     steps = parser.get_parsed_content("preprocessing_steps")
     (normaliser,) = [s for s in steps if isinstance(s, ClipZScored)]
     assert float(normaliser.mean[0]) == pytest.approx(plan.ct_mean, rel=1e-6)
+
+
+def test_a_budget_too_short_for_the_median_patch_gets_a_smaller_one() -> None:
+    """Steps whose time follows the voxels: at the median's 64^3 patch even the 8-wide network makes
+    too few steps in 2 minutes, so the patch shrinks until about 1000 fit, and the plan says so."""
+    fp = made_up([(64, 64, 64)] * 4, [(1.0, 1.0, 1.0)] * 4)
+
+    def seconds(patch: tuple[int, ...], batch: int, keys: dict) -> float:
+        return float(np.prod(patch)) * keys["features"][0] * 1.6e-7  # 8-wide at 64^3: 0.34 s, 177 steps
+
+    unbudgeted = make_plan(fp, "unet3d", CPU, step_bytes=by_voxels)
+    plan = make_plan(fp, "unet3d", CPU, minutes=2, step_bytes=by_voxels, step_seconds=seconds)
+    assert unbudgeted.patch_size == (64, 64, 64) and plan.network["features"][0] == 8
+    assert np.prod(plan.patch_size) * 1000 <= np.prod(unbudgeted.patch_size) * 177 * 1.1
+    assert "to fit the time budget" in plan.reasons["patch_size"]
+    steps = int(plan.to_yaml().split("expected about ")[1].split()[0])
+    assert steps >= 1000, plan.to_yaml()
+    assert len(plan.network["strides"]) < len(unbudgeted.network["strides"]), "the depth follows the patch"
 
 
 def test_planned_resunet_strides_build_and_fit_the_patch(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.planning import rules
+from pipeline.planning import probe, rules
 from pipeline.planning.fingerprint import CaseStats, ChannelStats, Fingerprint
 
 CPU = rules.Device("cpu", 16 * 2**30, 2)
@@ -131,12 +131,26 @@ def test_features_double_up_to_320() -> None:
     assert rules.features(3, 16) == [16, 32, 64, 128]
 
 
+def test_the_budget_takes_the_widest_network_that_still_makes_enough_steps() -> None:
+    timed = []
+
+    def seconds(width: int) -> float:
+        timed.append(width)
+        return {8: 0.1, 16: 0.25, 24: 0.5, 32: 1.0}[width]
+
+    width, steps, reason = rules.width_for_budget(32, seconds, minutes=10)  # 480 s at 1.6x a step
+    assert (width, steps) == (16, 1200) and timed == [8, 16, 24], "no wider network is timed after 24"
+    assert "8: 3000, 16: 1200, 24: 600" in reason
+    assert rules.width_for_budget(32, seconds, minutes=1)[:2] == (8, 300), "none reaches: the narrowest"
+    assert rules.width_for_budget(16, seconds, minutes=600)[0] == 16, "never wider than the bundle's own"
+
+
 def test_measure_step_sees_the_activations_of_a_real_forward_backward() -> None:
     network = torch.nn.Sequential(
         torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 2, 1)
     )
-    small = rules.measure_step(network, (16, 16, 16), 2, 1)
-    large = rules.measure_step(network, (64, 64, 64), 2, 1)
+    small = probe.measure_step(network, (16, 16, 16), 2, 1)
+    large = probe.measure_step(network, (64, 64, 64), 2, 1)
     activation = 2 * 8 * 64**3 * 4  # one 8-channel float32 feature map of the batch
     assert large.peak_bytes >= activation and large.peak_bytes > small.peak_bytes
     assert large.seconds > 0

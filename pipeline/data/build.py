@@ -8,7 +8,6 @@ datalist can move.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -17,7 +16,7 @@ from pathlib import Path, PurePath
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.data.layouts import READERS, Found, Image, detect_layout, listing
+from pipeline.data.layouts import READERS, Found, Image, detect_layout
 
 
 def _check_files(found: Found, root: Path, layout: str) -> None:
@@ -204,38 +203,3 @@ def build_datalist(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(content, indent=2) + "\n")
     return out
-
-
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",")]
-
-
-def add_datalist_command(commands: argparse._SubParsersAction) -> None:
-    """``medseg datalist DIR [-o datalist.json] [--folds K | --val-fraction F] [--seed S] ...``."""
-    parser = commands.add_parser("datalist", help="write the datalist of a dataset (MSD, nnU-Net, ...)")
-    parser.add_argument("root", metavar="DIR", help="dataset folder, or a CSV file of image,label rows")
-    parser.add_argument("-o", "--output", help="datalist to write (default: datalist.json in DIR)")
-    parser.add_argument("--layout", choices=list(READERS), help="skip detection and read this layout")
-    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    parser.add_argument("--val-fraction", type=float, help="an explicit validation list instead of folds")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the case shuffle (default 0)")
-    parser.add_argument("--labels", type=_names, help="names by index, comma-separated: background,liver")
-    parser.add_argument("--modality", help="CT, MRI, ...: one for all channels, or one per channel")
-    parser.add_argument("--image-dir", default="images", help="image folder of the folders/dicom layouts")
-    parser.add_argument("--label-dir", default="labels", help="label folder of the folders/dicom layouts")
-    parser.set_defaults(func=_datalist_command)
-
-
-BUILD_OPTIONS = ("layout", "folds", "val_fraction", "seed", "labels", "modality", "image_dir", "label_dir")
-
-
-def _datalist_command(args: argparse.Namespace) -> None:
-    root = Path(args.root)
-    out = Path(args.output) if args.output else (root.parent if root.is_file() else root) / "datalist.json"
-    path = build_datalist(root, out, **{key: getattr(args, key) for key in BUILD_OPTIONS})
-    content = json.loads(path.read_text())
-    labels, modalities = list(content["labels"].values()), ", ".join(content["modality"].values())
-    print(
-        f"{path}: {content['numTraining']} labelled cases, {content['numTest']} test, "
-        f"{len(labels)} labels ({listing(labels, 6)}), modality {modalities}"
-    )

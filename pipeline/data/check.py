@@ -15,9 +15,9 @@ Rules (``error`` stops training and evaluation; ``warning`` is reported and logg
   under 1 micrometre (even micro-CT is coarser; usually metres) or over 20 mm (no 3D scan has it;
   usually cm/m units) is an error; anisotropy over 20x is a
   warning (thick-slice MRI reaches 15x legitimately).
-- image vs label: the same shape, and the same geometry within 1e-3 mm in the origin, 1e-4 in
-  the direction cosines (0.03 mm at 300 mm from the origin) and 1e-4 relative in spacing; these
-  are far above float32 and DICOM decimal-string rounding, far below any real misregistration.
+- image vs label: one voxel grid (``pipeline.io.geometry.grid_mismatch``: the same shape, and the
+  same spacing, origin and direction within 1e-4, far above float32 and DICOM decimal-string
+  rounding, far below any real misregistration), as evaluation and the pictures check it.
 - label values must be integers and declared classes; NaN or infinite image voxels are errors, and so
   are voxels that are not real scalars (RGB, complex).
 - an all-background label is a warning: negative cases are legitimate (MONAI's crop samplers
@@ -33,7 +33,6 @@ Rules (``error`` stops training and evaluation; ``warning`` is reported and logg
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,8 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.data.datalist import ROLES, cases, label_names, num_channels, read_json
+from pipeline.data.datalist import cases, label_names, num_channels, read_json
+from pipeline.io.geometry import Grid, grid_mismatch, same_grid, shape_mismatch
 from pipeline.io.inspect import Unreadable, open_volume, reason
 from pipeline.io.readers import name_clashes
 
@@ -51,9 +51,6 @@ MEMORY_BUDGET = 8 * 2**30
 MAX_SPACING_MM = 20.0
 MIN_SPACING_MM = 1e-3
 MAX_ANISOTROPY = 20.0
-ORIGIN_TOLERANCE_MM = 1e-3
-DIRECTION_TOLERANCE = 1e-4
-SPACING_TOLERANCE = 1e-4  # relative
 REPORT_LINES = 20
 DEFAULT_ROLES = ("train", "validation", "test")
 log = logging.getLogger(__name__)
@@ -136,7 +133,7 @@ def _volume(path: str, shape: Sequence[int], channels: int, affine: np.ndarray, 
 
 def _reader_geometry(path: str, affine: np.ndarray | None, loaded: np.ndarray | None) -> list[Finding]:
     """Training must see the geometry checked: MONAI's reader replaces an sform that pixdim disagrees with."""
-    if affine is None or loaded is None or np.abs(loaded - affine).max() <= ORIGIN_TOLERANCE_MM:
+    if affine is None or loaded is None or same_grid(Grid((), loaded), Grid((), affine)):  # one file's shape
         return []
     spacing, loaded_spacing = (_xs(np.linalg.norm(a[:3, :3], axis=0)) for a in (affine, loaded))
     origin, loaded_origin = _xs(affine[:3, 3]), _xs(loaded[:3, 3])
@@ -239,26 +236,15 @@ def check_image(
 
 
 def _same_grid(volume: Volume, reference: Volume) -> list[Finding]:
-    """``volume`` must lie on ``reference``'s voxel grid, within the module's tolerances."""
-    if volume.shape != reference.shape:
-        problem = f"shape {_xs(volume.shape)} differs from {_xs(reference.shape)} of {reference.path}"
-        return [Finding(volume.path, problem)]
+    """``volume`` must lie on ``reference``'s voxel grid (only the shapes when an affine is broken:
+    that affine has its own finding)."""
+    other_shape = shape_mismatch(volume.shape, reference.shape)
+    if other_shape:
+        return [Finding(volume.path, f"{other_shape} of {reference.path}")]
     if volume.affine is None or reference.affine is None:
         return []
-    a, b = reference.affine, volume.affine
-    spacing_a, spacing_b = np.linalg.norm(a[:3, :3], axis=0), np.linalg.norm(b[:3, :3], axis=0)
-    shift = b[:3, 3] - a[:3, 3]
-    turn = np.abs(b[:3, :3] / spacing_b - a[:3, :3] / spacing_a).max()
-    problems = []
-    if not np.allclose(spacing_b, spacing_a, rtol=SPACING_TOLERANCE, atol=0):
-        problems.append(f"spacing {_xs(spacing_b)} mm, not {_xs(spacing_a)}")
-    if np.abs(shift).max() > ORIGIN_TOLERANCE_MM:
-        problems.append(f"origin shifted by {_xs(shift)} mm")
-    if turn > DIRECTION_TOLERANCE:
-        problems.append(f"direction cosines differ by up to {turn:.3g}")
-    if not problems:
-        return []
-    return [Finding(volume.path, f"not on the voxel grid of {reference.path}: {'; '.join(problems)}")]
+    problem = grid_mismatch(Grid(volume.shape, volume.affine), Grid(reference.shape, reference.affine))
+    return [Finding(volume.path, f"not on the voxel grid of {reference.path}: {problem}")] if problem else []
 
 
 def check_case(
@@ -349,6 +335,20 @@ def _check(
     return len(unique), findings
 
 
+def checked_cases(
+    datalist: str | Path,
+    dataset_dir: str | Path | None = None,
+    roles: Sequence[str] = DEFAULT_ROLES,
+    *,
+    val_fold: int = 0,
+    optional_roles: Collection[str] = ("test",),
+    memory_budget: int = MEMORY_BUDGET,
+) -> tuple[int, list[Finding]]:
+    """How many distinct cases were checked, and every finding: a report's summary line needs both."""
+    dataset_dir = Path(dataset_dir) if dataset_dir else None
+    return _check(Path(datalist), dataset_dir, roles, val_fold, optional_roles, memory_budget)
+
+
 def check_datalist(
     datalist: str | Path,
     dataset_dir: str | Path | None = None,
@@ -359,8 +359,8 @@ def check_datalist(
     memory_budget: int = MEMORY_BUDGET,
 ) -> list[Finding]:
     """Every finding of every case of ``roles``; an empty role in ``optional_roles`` is only a warning."""
-    dataset_dir = Path(dataset_dir) if dataset_dir else None
-    return _check(Path(datalist), dataset_dir, roles, val_fold, optional_roles, memory_budget)[1]
+    options = {"val_fold": val_fold, "optional_roles": optional_roles, "memory_budget": memory_budget}
+    return checked_cases(datalist, dataset_dir, roles, **options)[1]
 
 
 def require_valid(
@@ -380,26 +380,3 @@ def require_valid(
             log.warning("%s", finding)
     if any(f.severity == "error" for f in findings):
         raise DataCheckError(findings)
-
-
-def add_check_command(commands: argparse._SubParsersAction) -> None:
-    """``medseg check DATALIST``: the report, and exit status 1 when any error was found."""
-    check = commands.add_parser("check", help="report every problem of a datalist's files in one pass")
-    check.add_argument("datalist", metavar="DATALIST")
-    check.add_argument("--dataset-dir", help="folder the datalist's paths are relative to")
-    check.add_argument("--roles", nargs="+", default=list(DEFAULT_ROLES), choices=ROLES)
-    check.add_argument("--val-fold", type=int, default=0)
-    check.add_argument("--memory-gib", type=float, default=MEMORY_BUDGET / 2**30, help="size guard (GiB)")
-    check.set_defaults(func=run_check)
-
-
-def run_check(args: argparse.Namespace) -> int:
-    """Print every finding and a summary line; return the exit status."""
-    dataset_dir = Path(args.dataset_dir) if args.dataset_dir else None
-    budget = int(args.memory_gib * 2**30)
-    count, findings = _check(Path(args.datalist), dataset_dir, args.roles, args.val_fold, ("test",), budget)
-    for finding in findings:
-        print(f"{finding.severity}: {finding}")
-    errors = sum(f.severity == "error" for f in findings)
-    print(f"{count} cases checked: {errors} errors, {len(findings) - errors} warnings")
-    return 1 if errors else 0

@@ -24,33 +24,11 @@ from typing import Any
 from monai.data import load_decathlon_datalist
 
 from pipeline.io.atomic import atomic_write
+from pipeline.io.datalist_file import DATASET_INFO_FILE, Source, read_json
 
 CASE_LISTS = ("training", "validation", "test")
-DATASET_INFO_FILE = "dataset.json"
 FINGERPRINT_KEY = "training_cases"  # in the dataset facts: count and hash of the labelled cases
 ROLES = ("train", "validation", "test", "all")
-Source = str | Path | Mapping[str, Any]  # a datalist or dataset.json path, or dataset facts
-
-
-def read_json(path: Source) -> dict:
-    """Load a datalist (or dataset info) file, naming the file in every error; dataset facts (a dict,
-    as a checkpoint holds them) are checked the same way and returned as they are."""
-    if isinstance(path, Mapping):
-        if "labels" not in path:
-            raise ValueError("dataset facts have no 'labels' table (index -> name)")
-        return dict(path)
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"datalist {path} is not valid JSON: {error}") from None
-    if not isinstance(content, dict) or not isinstance(content.get("labels"), dict):
-        raise ValueError(f"datalist {path} has no 'labels' table (index -> name), as MSD datalists do")
-    if not isinstance(content.get("modality", {}), dict):
-        raise ValueError(f"datalist {path}: 'modality' is not a table (channel -> name)")
-    return content
 
 
 def label_names(path: Source) -> dict[int, str]:

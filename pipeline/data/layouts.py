@@ -22,14 +22,14 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import pydicom
 
 from pipeline.io.dicom import find_series, is_series_path
+from pipeline.io.names import IMAGE_SUFFIXES, case_name
 
 Image = Path | list[Path]
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 CHANNEL_NAME = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 LOOKED_FOR = (
     "an nnU-Net dataset.json (channel_names, file_ending); an MSD dataset.json; DICOM series folders with "
@@ -47,12 +47,6 @@ class Found:
     labels: dict[int, str] | None = None
     modality: list[str] | None = None
     name: str | None = None
-
-
-def case_name(path: PurePath) -> str:
-    """The file name without its image extension, which is how images and labels are paired."""
-    suffix = next((end for end in IMAGE_SUFFIXES if path.name.lower().endswith(end)), "")
-    return path.name[: len(path.name) - len(suffix)]
 
 
 def _visible(folder: Path) -> list[Path]:

@@ -16,13 +16,13 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.data.datalist import cases, label_names, modality
-from pipeline.data.layouts import case_name
 from pipeline.evaluation.metrics import ClassScores, score_case
 from pipeline.evaluation.report import CaseResult, write_evaluation
+from pipeline.io.geometry import Grid, grid_mismatch
+from pipeline.io.names import case_name
 from pipeline.io.readers import output_names
 
 PREDICTION_SUFFIX = "_seg.nii.gz"
-GRID_TOLERANCE_MM = 1e-3
 
 
 def load_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -47,10 +47,11 @@ def require_same_grid(
 ) -> None:
     """One voxel grid for both, or a clear error: a metric across grids would compare unrelated voxels."""
     (pred_data, pred_affine), (truth, truth_affine) = pred_grid, label_grid
-    if pred_data.shape != truth.shape:
-        raise ValueError(f"{pred} has shape {pred_data.shape} but its label {label} has {truth.shape}")
-    if not np.allclose(pred_affine, truth_affine, atol=GRID_TOLERANCE_MM):
-        raise ValueError(f"{pred} and its label {label} have different affines: resample it onto the label")
+    problem = grid_mismatch(Grid(pred_data.shape, pred_affine), Grid(truth.shape, truth_affine))
+    if problem:
+        raise ValueError(
+            f"{pred} is not on the voxel grid of its label {label} ({problem}): resample it onto the label"
+        )
 
 
 def prediction_files(folder: Path, names: Sequence[str]) -> dict[str, Path]:

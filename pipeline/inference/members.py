@@ -16,21 +16,17 @@ import torch
 from monai.bundle import ConfigParser
 from monai.inferers import Inferer
 
-from pipeline.io.checkpoint import load_checkpoint, load_weights, network_weights, with_training_config
+from pipeline.bundle_parser import bundle_parser
+from pipeline.io.checkpoint import load_network_weights
 from pipeline.networks import to_device
 
 SHARED_SPACE = ("spacing", "modality", "labels", "preprocessing_steps")
 
 
 def member_parser(bundle: str, checkpoint: str, overrides: Mapping[str, Any]) -> ConfigParser:
-    from pipeline.workflows import bundle_dir, config_files, meta_files
-
-    parser = ConfigParser()
-    parser.read_meta(meta_files(bundle))
-    parser.read_config(config_files(bundle, "inference"))
-    keys = with_training_config(checkpoint, overrides)  # the member's own network and preprocessing
-    parser.update({**keys, "bundle_root": str(bundle_dir(bundle)), "checkpoint": str(checkpoint)})
-    return parser
+    """The member's inference config: its own network and preprocessing (the checkpoint's training
+    config) beneath the shared overrides."""
+    return bundle_parser(bundle, "inference", overrides, checkpoint=checkpoint)
 
 
 def space_of(parser: ConfigParser) -> str:
@@ -41,9 +37,8 @@ def space_of(parser: ConfigParser) -> str:
 
 
 def load_network(parser: ConfigParser, checkpoint: str, device: Any) -> torch.nn.Module:
-    """The member's network with its weights (any checkpoint form ``network_weights`` reads)."""
-    network = parser.get_parsed_content("network_def")
-    load_weights(network, network_weights(load_checkpoint(checkpoint, map_location="cpu")), checkpoint)
+    """The member's network with its weights (``model.pt``, ``latest.pt`` or a bare state dict)."""
+    network = load_network_weights(parser.get_parsed_content("network_def"), checkpoint)
     return to_device(network, device, parser.get_parsed_content("channels_last")).eval()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
-from pipeline.io.checkpoint import load_checkpoint, load_weights, network_weights
+from pipeline.io.checkpoint import load_network_weights
 
 
 class LoadWeights:
@@ -30,5 +30,4 @@ class LoadWeights:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, _: Engine | None = None) -> None:
-        state = network_weights(load_checkpoint(self.checkpoint, self.map_location))
-        load_weights(getattr(self.network, "module", self.network), state, self.checkpoint)
+        load_network_weights(self.network, self.checkpoint, self.map_location)

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from pipeline.data.datalist import DATASET_INFO_FILE, read_json
 from pipeline.io.atomic import atomic_write
+from pipeline.io.datalist_file import DATASET_INFO_FILE, read_json
 
 NETWORK_KEY = "network"  # the network's state dict in a self-describing model.pt and in latest.pt
 DATASET_KEY = "dataset"  # the dataset facts (datalist header and training-case fingerprint)
@@ -61,6 +61,19 @@ def network_weights(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
     checkpoint itself when it is a bare state dict (its values are tensors, never a dict)."""
     network = checkpoint.get(NETWORK_KEY)
     return network if isinstance(network, Mapping) else checkpoint
+
+
+def load_network_weights(
+    network: torch.nn.Module, checkpoint: str | Path, map_location: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """Load ``checkpoint``'s network weights into ``network`` and return it: the one loader of inference,
+    evaluation, ensembles and the benchmark, so each accepts what the others accept (a ``model.pt``,
+    a ``latest.pt`` of a training stopped early, a bare state dict). A network wrapped for data
+    parallelism gets them in its module; a file that is unreadable or does not fit is a
+    ``CheckpointError`` naming it and the first differing parameter."""
+    state = network_weights(load_checkpoint(checkpoint, map_location))
+    load_weights(getattr(network, "module", network), state, checkpoint)
+    return network
 
 
 def model_state(

@@ -14,12 +14,10 @@ files, folders, UIDs and geometry only, and sidecars are built from an explicit 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -368,27 +366,3 @@ def dicom_to_nifti(src: str | Path, out_dir: str | Path, overwrite: bool = False
     if not written and not kept:
         raise ValueError(f"{folder}: no DICOM image series found to convert")
     return written
-
-
-def add_dicom2nifti_command(commands: argparse._SubParsersAction) -> None:
-    """``medseg dicom2nifti SRC OUT``: prints the NIfTI files written, one a line."""
-    command = commands.add_parser("dicom2nifti", help="convert DICOM series to NIfTI with JSON sidecars")
-    command.add_argument("src", metavar="SRC", help="a series folder, FOLDER#SeriesInstanceUID, or a tree")
-    command.add_argument("out", metavar="OUT", help="output folder")
-    command.add_argument(
-        "--overwrite", action="store_true", help="replace outputs that exist (default: keep)"
-    )
-    command.set_defaults(func=_dicom2nifti_command)
-
-
-def _dicom2nifti_command(args: argparse.Namespace) -> int:
-    """Prints what was written, also when some series failed; then the failures, and exit status 1."""
-    try:
-        written, failures = dicom_to_nifti(args.src, args.out, args.overwrite), None
-    except ConversionFailures as error:
-        written, failures = error.written, error
-    for path in written:
-        print(path)
-    if failures:
-        print(f"medseg: error: {failures}", file=sys.stderr)
-    return 1 if failures else 0

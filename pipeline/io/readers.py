@@ -24,8 +24,9 @@ from monai.data.folder_layout import default_name_formatter
 from monai.data.utils import orientation_ras_lps
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys, ensure_tuple
 
-from pipeline.data.layouts import case_name
 from pipeline.io.dicom import is_series_path, read_series, split_series_path
+from pipeline.io.geometry import Grid, grid_mismatch
+from pipeline.io.names import case_name
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -70,10 +71,13 @@ class NiftiOrDicomReader(ImageReader):
             return self.nibabel.get_data(self.nibabel.read(img))
         images = [read_series(path) if is_series_path(path) else sitk.ReadImage(path) for path in img]
         affine = sitk_affine(images[0])
+        first = Grid(images[0].GetSize(), affine)
         for path, image in zip(img[1:], images[1:], strict=True):
-            same_grid = image.GetSize() == images[0].GetSize()
-            if not same_grid or not np.allclose(sitk_affine(image), affine, atol=1e-4):
-                raise ValueError(f"{path} does not share the grid of {img[0]}; cannot stack them as channels")
+            problem = grid_mismatch(Grid(image.GetSize(), sitk_affine(image)), first)
+            if problem:
+                raise ValueError(
+                    f"{path} is not on the voxel grid of {img[0]} ({problem}); cannot stack them as channels"
+                )
         arrays = [sitk.GetArrayFromImage(image).T for image in images]
         meta = {
             MetaKeys.AFFINE: affine,

@@ -24,6 +24,7 @@ import yaml
 from monai.bundle import ConfigParser
 
 from pipeline.io.atomic import atomic_write
+from pipeline.paths import COMMON_DIR
 from pipeline.planning import rules
 from pipeline.planning.fingerprint import cache_path, fingerprint
 from pipeline.planning.plan import PLAN_FILE, make_plan, read_plan, summary, write_plan
@@ -98,8 +99,6 @@ def copy_fingerprint(datalist: str | Path, target: Path) -> None:
 @cache
 def training_only_keys() -> frozenset[str]:
     """Top-level ids that inference never reads: every key train.yaml defines, and the run keys."""
-    from pipeline.workflows import COMMON_DIR
-
     return frozenset(ConfigParser.load_config_file(str(COMMON_DIR / "train.yaml"))) | RUN_KEYS
 
 

@@ -9,7 +9,7 @@ user edits it or overrides its keys on the command line as any other.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,18 +20,23 @@ import numpy as np
 import yaml
 
 from pipeline.io.atomic import atomic_write
+from pipeline.paths import bundle_dir
 from pipeline.planning import rules
 from pipeline.planning.fingerprint import Fingerprint, fingerprint
+from pipeline.planning.probe import StepProbe
 
 logger = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.yaml"
-# Networks of fixed depth: the patch must be divisible by their total down-sampling (BasicUNet and
-# MultiResUNet: four 2x poolings; UNETR: 16^3 ViT patches). The others take strides from the plan.
-FIXED_DIVISOR = {"unet3d": (16, 16, 16), "multiresunet": (16, 16, 16), "unetr": (16, 16, 16)}
-NETWORK_KEYS = {"unet3d": ("features",), "multiresunet": ("features",), "resunet": ("channels", "strides"),
-                "attention_unet": ("channels", "strides"), "unetr": ()}  # fmt: skip
-REFERENCE_PATCH = (32, 32, 32)  # the memory probe's size; larger patches are scaled from it
+# Under a time budget the budget sets the epochs (pipeline.training.TimeBudget); the bundle's 100 would
+# stop a small dataset's training long before its time is up, so the plan lifts the cap to nnU-Net's.
+BUDGET_EPOCH_CAP = 1000
+# Networks of fixed depth: the patch must be divisible by their total down-sampling (MultiResUNet:
+# four 2x poolings; UNETR: 16^3 ViT patches). The others take strides (and kernels) from the plan.
+FIXED_DIVISOR = {"multiresunet": (16, 16, 16), "unetr": (16, 16, 16)}
+NETWORK_KEYS = {"unet3d": ("features", "strides", "kernel_sizes"), "multiresunet": ("features",),
+                "resunet": ("channels", "strides"), "attention_unet": ("channels", "strides"),
+                "unetr": ()}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class Plan:
     num_workers: int
     rotate90_axes: tuple[int, ...]
     rotate90_prob: float
+    samples_per_volume: int = 2
     zscore_nonzero: bool = True
     ct_clip: list | None = None
     ct_mean: float | list | None = None
@@ -61,6 +67,7 @@ class Plan:
             "spacing": list(self.spacing),
             "patch_size": list(self.patch_size),
             "batch_size": self.batch_size,
+            "samples_per_volume": self.samples_per_volume,
             "num_workers": self.num_workers,
             "rotate90_axes": list(self.rotate90_axes),
             "rotate90_prob": self.rotate90_prob,
@@ -70,6 +77,7 @@ class Plan:
             keys.update(ct_clip=self.ct_clip, ct_mean=self.ct_mean, ct_std=self.ct_std)
         if self.time_budget_minutes is not None:
             keys["time_budget_minutes"] = self.time_budget_minutes
+            keys["max_epochs"] = BUDGET_EPOCH_CAP
         return {**keys, **self.network}
 
     def to_yaml(self) -> str:
@@ -83,13 +91,14 @@ class Plan:
     @staticmethod
     def from_config(keys: dict[str, Any]) -> Plan:
         """The typed view of plan keys (a ``plan.yaml`` read back, or a config's resolved keys)."""
-        known = {"spacing", "patch_size", "batch_size", "num_workers", "rotate90_axes", "rotate90_prob",
-                 "zscore_nonzero", "ct_clip", "ct_mean", "ct_std", "time_budget_minutes"}  # fmt: skip
+        known = {"spacing", "patch_size", "batch_size", "samples_per_volume", "num_workers", "rotate90_axes",
+                 "rotate90_prob", "zscore_nonzero", "ct_clip", "ct_mean", "ct_std",
+                 "time_budget_minutes"}  # fmt: skip
         missing = {"spacing", "patch_size", "batch_size"} - set(keys)
         if missing:
             raise ValueError(f"plan lacks {', '.join(sorted(missing))}")
         values = {k: v for k, v in keys.items() if k in known}
-        known.add("planned")
+        known.update({"planned", "max_epochs"})  # max_epochs follows time_budget_minutes
         return Plan(
             **{
                 **values,
@@ -98,6 +107,7 @@ class Plan:
                 "rotate90_axes": tuple(keys.get("rotate90_axes", (0, 1))),
                 "rotate90_prob": float(keys.get("rotate90_prob", 0.2)),
                 "num_workers": int(keys.get("num_workers", 0)),
+                "samples_per_volume": int(keys.get("samples_per_volume", 2)),
             },
             network={k: v for k, v in keys.items() if k not in known},
         )
@@ -131,17 +141,19 @@ def make_plan(
     device: rules.Device,
     minutes: float | None = None,
     step_bytes: Callable[[tuple[int, ...], int, dict], int] | None = None,
+    step_seconds: Callable[[tuple[int, ...], int, dict], float] | None = None,
 ) -> Plan:
     """The plan of ``bundle`` for the fingerprinted data on ``device``.
 
-    ``step_bytes(patch, batch, network_keys)`` is the memory of one training step; by default a real
-    probe of the bundle's network (``StepProbe``).
+    ``step_bytes(patch, batch, network_keys)`` is the memory of one training step and
+    ``step_seconds`` its time (with ``minutes`` only); by default real probes of the bundle's network
+    (``StepProbe``).
     """
     spacing, _, spacing_why = rules.target_spacing(fp)
     two_d = rules.recommend_2d(fp, spacing)
     median = rules.median_shape(fp, spacing)
     fixed = FIXED_DIVISOR.get(bundle)
-    probe = StepProbe(bundle, len(fp.modalities), len(fp.labels)) if step_bytes is None else None
+    probe = StepProbe(bundle, len(fp.modalities), len(fp.labels), fixed)  # builds networks only when asked
     measure = step_bytes or probe.bytes
     budget = device.budget_bytes
 
@@ -149,13 +161,25 @@ def make_plan(
         topo = None if fixed else rules.topology(patch, spacing)
         return network_keys(bundle, topo, base_width(bundle))
 
-    patch, topo, patch_why = rules.patch_size(
-        median, spacing, lambda p: measure(p, rules.MIN_BATCH, network_for(p)) <= budget, fixed
-    )
+    def memory_fits(patch: tuple[int, ...]) -> bool:
+        return measure(patch, rules.MIN_BATCH, network_for(patch)) <= budget
+
+    patch, topo, patch_why = rules.patch_size(median, spacing, memory_fits, fixed)
     network = network_keys(bundle, topo, base_width(bundle))
     batch, batch_why = rules.batch_size(
         fp, patch, spacing, device, lambda b: measure(patch, b, network) <= budget
     )
+    width_why, steps_note = "", "no time budget: the bundle's own width, planned for accuracy"
+    if minutes is not None and not network:
+        steps_note = "the bundle's network takes no width or depth from a plan: its own, whatever the budget"
+    if minutes is not None and network:
+        fitted = fit_budget(
+            bundle, minutes, (patch, topo, patch_why), batch, median, spacing, memory_fits,
+            step_seconds or probe.seconds,
+        )  # fmt: skip
+        (patch, topo, patch_why), network, width_why, steps = fitted
+        steps_note = f"expected about {steps} training steps in {minutes:g} min on this device"
+    samples, samples_why = rules.samples_per_volume()
     axes, prob, rotate_why = rules.rotate90(patch)
     workers, workers_why = rules.num_workers(device)
     norms = rules.normalisation(fp)
@@ -164,12 +188,17 @@ def make_plan(
         "spacing": f"target spacing: {spacing_why}",
         "patch_size": f"patch: {patch_why}",
         "batch_size": f"batch: {batch_why}",
+        "samples_per_volume": f"crops: {samples_why}",
         "num_workers": f"workers: {workers_why}",
         "rotate90_axes": f"augmentation: {rotate_why}",
         "rotate90_prob": f"augmentation: {rotate_why}",
         "zscore_nonzero": "normalisation: " + "; ".join(n.reason for n in norms),
         **{key: f"network: {network_why(bundle, key, topo, patch)}" for key in network},
     }
+    if width_why and "features" in network:
+        reasons["features"] = f"network: base width {network['features'][0]} {width_why}"
+    elif width_why:
+        reasons["channels"] = f"network: base width {network['channels'][0]} {width_why}"
     ct = [n for n in norms if n.scheme == "ct"]
     clip = mean = std = None
     if ct:
@@ -184,13 +213,16 @@ def make_plan(
         f"last, after the bundle's configs/model.yaml. Device: {device.kind}, {device.cores} cores, "
         f"memory budget {budget / 2**30:.1f} GiB.",
         f"2D recommended: {'yes' if two_d.value else 'no'} ({two_d.reason}); this plan is 3D.",
+        f"Steps: {steps_note}.",
     ]
     if minutes is not None:
         reasons["time_budget_minutes"] = "time budget: medseg plan --minutes"
+        reasons["max_epochs"] = "time budget: the budget sets the epochs, this is only their cap"
     return Plan(
         spacing=tuple(_round(list(spacing))),
         patch_size=patch,
         batch_size=batch,
+        samples_per_volume=samples,
         num_workers=workers,
         rotate90_axes=tuple(axes),
         rotate90_prob=prob,
@@ -206,10 +238,42 @@ def make_plan(
     )
 
 
+def fit_budget(
+    bundle: str,
+    minutes: float,
+    shaped: tuple[tuple[int, ...], rules.Topology | None, str],
+    batch: int,
+    median: Sequence[float],
+    spacing: Sequence[float],
+    memory_fits: Callable[[tuple[int, ...]], bool],
+    step_seconds: Callable[[tuple[int, ...], int, dict], float],
+) -> tuple[tuple[tuple[int, ...], rules.Topology | None, str], dict, str, int]:
+    """The width for the budget (``rules.width_for_budget``) and, when even the narrowest network
+    makes fewer than ``MIN_STEPS`` steps at the memory's patch, a smaller patch that does: steps at
+    a patch are estimated from its voxels (a step's time follows them), the chosen one is timed.
+
+    Returns ((patch, topology, patch reason), network keys, width reason, expected steps).
+    """
+    patch, topo, patch_why = shaped
+    width, steps, width_why = rules.width_for_budget(
+        base_width(bundle), lambda w: step_seconds(patch, batch, network_keys(bundle, topo, w)), minutes
+    )
+    if steps < rules.MIN_STEPS:
+        voxels = float(np.prod(patch))
+
+        def enough_steps(p: tuple[int, ...]) -> bool:
+            return steps * voxels / float(np.prod(p)) >= rules.MIN_STEPS and memory_fits(p)
+
+        fixed = FIXED_DIVISOR.get(bundle)
+        with contextlib.suppress(ValueError):  # none makes enough steps either: the memory's patch stays
+            patch, topo, patch_why = rules.patch_size(median, spacing, enough_steps, fixed, "the time budget")
+        seconds = step_seconds(patch, batch, network_keys(bundle, topo, width))
+        steps = rules.expected_steps(seconds, minutes)
+    return (patch, topo, patch_why), network_keys(bundle, topo, width), width_why, steps
+
+
 def base_width(bundle: str) -> int:
     """The bundle's own first-level width (its model.yaml): the plan shapes depth, not width."""
-    from pipeline.workflows import bundle_dir
-
     model = yaml.safe_load((bundle_dir(bundle) / "configs" / "model.yaml").read_text())
     widths = model.get("features") or model.get("channels") or [32]
     return int(widths[0])
@@ -217,9 +281,14 @@ def base_width(bundle: str) -> int:
 
 def network_keys(bundle: str, topo: rules.Topology | None, base: int) -> dict[str, Any]:
     """The bundle's network keys (model.yaml's own names for network_def's arguments)."""
-    if bundle in ("unet3d", "multiresunet"):
-        widths = rules.features(4, base)
-        return {"features": [*widths, widths[0]] if bundle == "unet3d" else widths}
+    if bundle == "multiresunet":
+        return {"features": rules.features(4, base)}
+    if bundle == "unet3d" and topo is not None:
+        return {
+            "features": rules.features(topo.poolings, base),
+            "strides": [list(s) for s in topo.strides[1:]],
+            "kernel_sizes": [list(k) for k in topo.kernels],
+        }
     if bundle in ("resunet", "attention_unet") and topo is not None:
         return {
             "channels": rules.features(topo.poolings, base),
@@ -231,49 +300,9 @@ def network_keys(bundle: str, topo: rules.Topology | None, base: int) -> dict[st
 def network_why(bundle: str, key: str, topo: rules.Topology | None, patch: Sequence[int]) -> str:
     if key == "strides" and topo is not None:
         return f"{topo.poolings} down-samplings of patch {'x'.join(map(str, patch))}, per-axis strides"
+    if key == "kernel_sizes" and topo is not None:
+        return "3 per axis, 1 along an axis still over twice the finest spacing at that level"
     return f"{key}: the bundle's base width doubling per level, capped at 320"
-
-
-class StepProbe:
-    """Memory of one training step of a bundle's network: one real forward/backward at a reference
-    patch, scaled linearly in voxels and batch (activations are), weights and gradients fixed."""
-
-    def __init__(self, bundle: str, in_channels: int, num_classes: int, device: str | None = None) -> None:
-        self.bundle, self.in_channels, self.num_classes = bundle, in_channels, num_classes
-        self.device = device
-        self.measured: dict[str, tuple[int, float]] = {}
-        self.seconds_per_voxel = 0.0
-
-    def network(self, patch: Sequence[int], keys: dict):
-        from monai.bundle import ConfigParser
-
-        from pipeline.workflows import config_files
-
-        parser = ConfigParser()
-        parser.read_config(config_files(self.bundle, "train"))
-        parser.update({"in_channels": self.in_channels, "num_classes": self.num_classes,
-                       "patch_size": list(patch), **keys})  # fmt: skip
-        return parser.get_parsed_content("network_def")
-
-    def bytes(self, patch: Sequence[int], batch: int, keys: dict) -> int:
-        import torch
-
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        signature = repr(sorted(keys.items()))
-        if signature not in self.measured:
-            reference = tuple(min(r, p) for r, p in zip(REFERENCE_PATCH, patch, strict=True))
-            if self.bundle in FIXED_DIVISOR:  # UNETR's ViT is built for the patch itself
-                reference = (
-                    tuple(patch) if self.bundle == "unetr" else rules.divisible(reference, (16, 16, 16))
-                )
-            network = self.network(reference, keys)
-            weights = 2 * sum(p.numel() * p.element_size() for p in network.parameters())  # + gradients
-            cost = rules.measure_step(network, reference, rules.MIN_BATCH, self.in_channels, device)
-            voxels = float(np.prod(reference)) * rules.MIN_BATCH
-            self.measured[signature] = (weights, max(cost.peak_bytes - weights, 0) / voxels)
-            self.seconds_per_voxel = cost.seconds / voxels
-        weights, per_voxel = self.measured[signature]
-        return int(weights + per_voxel * float(np.prod(patch)) * batch)
 
 
 def plan_datalist(
@@ -284,8 +313,6 @@ def plan_datalist(
     dataset_dir: str | Path | None = None,
 ) -> tuple[Plan, Path]:
     """Fingerprint, plan and write ``plan.yaml`` (beside the datalist unless ``output``)."""
-    from pipeline.workflows import bundle_dir
-
     bundle_dir(bundle)  # an unknown bundle is refused before any reading
     fp = fingerprint(datalist, dataset_dir)
     plan = make_plan(fp, bundle, rules.Device.detect(), minutes)
@@ -304,28 +331,6 @@ def summary(plan: Plan) -> str:
         plan.reasons.get("zscore_nonzero", ""),
     ]
     return "\n".join(lines + [n for n in plan.notes if n.startswith("2D")])
-
-
-def add_plan_command(commands: argparse._SubParsersAction) -> None:
-    """``medseg plan DATALIST [--bundle B] [--minutes M] [-o plan.yaml]``."""
-    from pipeline.workflows import available_bundles
-
-    command = commands.add_parser("plan", help="fingerprint a datalist and write its plan.yaml")
-    command.add_argument("datalist", metavar="DATALIST")
-    command.add_argument("--bundle", default="unet3d", choices=available_bundles())
-    command.add_argument("--minutes", type=float, default=None, help="training time budget")
-    command.add_argument(
-        "-o", "--output", default=None, help="plan file (default: plan.yaml beside DATALIST)"
-    )
-    command.add_argument("--dataset-dir", default=None, help="folder the datalist's paths are relative to")
-    command.set_defaults(func=run_plan)
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    plan, path = plan_datalist(args.datalist, args.bundle, args.minutes, args.output, args.dataset_dir)
-    print(summary(plan))
-    print(f"wrote {path}")
-    return 0
 
 
 def _round(value: Any, digits: int = 6) -> Any:

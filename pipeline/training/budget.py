@@ -46,8 +46,9 @@ class TimeBudget:
     The budget also acts within an epoch, so one slow epoch cannot overrun it:
 
     - without ``iterations_per_epoch`` a fresh run's first epoch ends once it has trained for
-      ``EPOCH_SHARE`` of the budget (or after one pass of the data loader, whichever comes first), and
-      every later epoch has that length; ignite continues the loader's iterator across shorter epochs.
+      ``EPOCH_SHARE`` of the budget, and every later epoch has that length: shorter than a pass of a
+      large dataset's loader (ignite continues its iterator across epochs), several passes of a small
+      one (ignite restarts it), so a dataset of six cases is not validated after every third step.
     - whenever the next iteration would end after the budget (less the time of a validation, once one
       was measured), the current epoch becomes the last: it ends now, is validated and gives model.pt.
       An epoch of fixed length cut this way is left part-done in the checkpoint (ignite counts epochs
@@ -72,7 +73,6 @@ class TimeBudget:
         self._first_epoch = 0
         self._max_epochs = 0
         self._choosing_length = False  # the first epoch of a fresh run, whose length this budget picks
-        self._loader_length = 0
         self._spent = False
         self._mark = 0.0
         self._steps = 0
@@ -99,7 +99,6 @@ class TimeBudget:
         self._started = self._mark
         self._first_epoch = trainer.state.epoch - 1  # a resumed run plans from where it resumed
         self._max_epochs = trainer.state.max_epochs
-        self._loader_length = trainer.state.epoch_length
         self._choosing_length = not self.fixed_length and trainer.state.iteration == 0
 
     def seconds_left(self) -> float:
@@ -137,11 +136,10 @@ class TimeBudget:
 
     def _chosen_length(self, current: int, in_epoch: int, per_step: float) -> int:
         """The first epoch's length: ``EPOCH_SHARE`` of the budget at the mean step time so far, not
-        shorter than the steps done nor longer than one pass of the loader (its length at the start)."""
+        shorter than the steps done."""
         if not self._choosing_length:
             return current
-        fitting = math.floor(EPOCH_SHARE * self.seconds / per_step)
-        return int(min(self._loader_length, max(in_epoch, fitting)))
+        return int(max(in_epoch, math.floor(EPOCH_SHARE * self.seconds / per_step)))
 
     def _cut(self, trainer: Engine, in_epoch: int) -> None:
         """The budget cannot take another step: this epoch is the last and ends now."""

@@ -13,15 +13,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patheffects import withStroke
 
-from pipeline.data.layouts import case_name, listing
+from pipeline.data.layouts import listing
 from pipeline.io.dicom import is_series_path
+from pipeline.io.names import case_name
 from pipeline.visualisation.canvas import DPI, TEXT_LINE_IN, Canvas, legend_height_px, write_png
 from pipeline.visualisation.panels import (
     AXIAL,
@@ -75,11 +74,6 @@ def save_montage(
     """One tile per case in a grid (``columns`` wide, or about square); returns the PNG's path."""
     options = {"label_names": label_names, "modality": modality, "columns": columns, "title": title}
     return write_png(montage_canvas(cases, dpi=dpi, **options).figure, out_png)
-
-
-def montage_figure(cases: Sequence[MontageCase], **options: Any) -> Figure:
-    """The figure ``save_montage`` writes, for callers that embed it elsewhere."""
-    return montage_canvas(cases, **options).figure
 
 
 def montage_canvas(

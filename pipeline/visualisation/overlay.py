@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline.data.layouts import case_name, listing
+from pipeline.data.layouts import listing
+from pipeline.io.names import case_name
 from pipeline.visualisation.canvas import DPI, TEXT_LINE_IN, Canvas, legend_height_px, write_png
 from pipeline.visualisation.panels import (
     PALETTE,

@@ -18,6 +18,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from pipeline.io.dicom import find_series, is_series_path, read_series, split_series_path
+from pipeline.io.geometry import Grid, grid_mismatch
 
 LABEL_DTYPE = np.int16  # float-stored label maps are rounded into this (class indices fit easily)
 
@@ -109,14 +110,17 @@ def load_labels(path: str | Path) -> RasVolume:
 
 
 def check_same_grid(image: RasVolume, other: RasVolume) -> None:
-    """Fail loudly on shape mismatch; a differing affine only warns (often float noise from resampling)."""
+    """Fail loudly on shape mismatch (nothing to overlay voxel by voxel); an affine off the image's
+    grid only warns: the picture can still be drawn, and the warning says what is misplaced."""
+    problem = grid_mismatch(Grid(other.data.shape, other.affine), Grid(image.data.shape, image.affine))
+    if problem is None:
+        return
     if other.data.shape != image.data.shape:
         raise ValueError(
             f"{other.source} has shape {other.data.shape} but image {image.source} has shape "
             f"{image.data.shape} (after reorienting both to RAS); resample the segmentation to the image grid"
         )
-    if not np.allclose(image.affine, other.affine, atol=1e-2):
-        warnings.warn(f"{other.source} and {image.source} have different affines", stacklevel=3)
+    warnings.warn(f"{other.source} is not on the voxel grid of {image.source}: {problem}", stacklevel=3)
 
 
 def dicom_modality(path: str | Path) -> str | None:

@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-
-def read_label_info(path: str | Path) -> tuple[dict[int, str], str | None]:
-    """Class names (and modality, if stated) from a datalist, a dataset.json or a bare {"1": "name"} map."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"label names file {path} does not exist")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"label names file {path} is not valid JSON: {error}") from None
-    table = content.get("labels", content) if isinstance(content, dict) else None
-    if not isinstance(table, dict):
-        raise ValueError(f"{path}: expected a 'labels' table or a {{index: name}} object")
-    try:
-        names = {int(index): str(name) for index, name in table.items()}
-    except ValueError:
-        raise ValueError(f"{path}: label indices must be integers, got {sorted(table)}") from None
-    modalities = content.get("modality") if "labels" in content else None
-    modality = str(next(iter(modalities.values()))) if isinstance(modalities, dict) and modalities else None
-    return names, modality
+from pipeline.visualisation.labels import read_label_info
+from pipeline.visualisation.montage import datalist_montage_cases, parse_case, save_montage
+from pipeline.visualisation.overlay import save_overlay
+from pipeline.visualisation.volumes import dicom_modality
 
 
 def _modality(args: argparse.Namespace, stated: str | None, image: str) -> str:
-    from pipeline.visualisation.volumes import dicom_modality
-
     return args.modality or stated or dicom_modality(image) or "MRI"
 
 
@@ -40,8 +20,6 @@ def _given(args: argparse.Namespace, *names: str) -> dict[str, object]:
 
 
 def _overlay(args: argparse.Namespace) -> None:
-    from pipeline.visualisation.overlay import save_overlay
-
     names, stated = read_label_info(args.labels) if args.labels else ({}, None)
     out = save_overlay(
         args.image,
@@ -58,8 +36,6 @@ def _overlay(args: argparse.Namespace) -> None:
 
 
 def _montage(args: argparse.Namespace) -> None:
-    from pipeline.visualisation.montage import datalist_montage_cases, parse_case, save_montage
-
     if bool(args.cases) == bool(args.data):
         raise ValueError(
             "give either IMAGE:SEG[:LABEL] cases or --data with --predictions, not both or neither"
