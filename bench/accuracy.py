@@ -52,8 +52,12 @@ NUM_FOLDS = 5
 SPLIT_FILE = "hippocampus_split.json"
 TRAIN_RECORD = "bench_train.json"  # written once the arm's training process ended well
 EVAL_DIR = "eval_test"
-# --quick: patch 32^3 and the depth-4 strides the tiny widths need, whatever the plan chose for them.
-QUICK_STRIDES = {"resunet": [2, 2, 2, 2], "attention_unet": [2, 2, 2, 2]}
+# --quick: patch 32^3 and the depth-4 strides (and kernels) the tiny widths need, whatever the plan chose.
+QUICK_NETWORK = {
+    "resunet": {"strides": [2, 2, 2, 2]},
+    "attention_unet": {"strides": [2, 2, 2, 2]},
+    "unet3d": {"strides": [2, 2, 2, 2], "kernel_sizes": [3] * 5},
+}
 TARGET_DICE = 0.85  # issue 15: planned unet3d on the hippocampus split, 10 minutes, 2 cores
 
 
@@ -345,7 +349,7 @@ def quick_overrides(bundle: str, quick: bool) -> dict[str, Any]:
     plan's strides need not fit); none otherwise, as the issue's command has no other argument."""
     if not quick:
         return {}
-    strides = {"strides": QUICK_STRIDES[bundle]} if bundle in QUICK_STRIDES else {}
+    strides = QUICK_NETWORK.get(bundle, {})
     return {**bundle_overrides(bundle, True), **strides}
 
 

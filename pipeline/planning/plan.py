@@ -31,6 +31,7 @@ PLAN_FILE = "plan.yaml"
 # Under a time budget the budget sets the epochs (pipeline.training.TimeBudget); the bundle's 100 would
 # stop a small dataset's training long before its time is up, so the plan lifts the cap to nnU-Net's.
 BUDGET_EPOCH_CAP = 1000
+MIN_POOLINGS = 2  # a patch shrunk for time stops before its U-Net would lose its depth
 # Networks of fixed depth: the patch must be divisible by their total down-sampling (MultiResUNet:
 # four 2x poolings; UNETR: 16^3 ViT patches). The others take strides (and kernels) from the plan.
 FIXED_DIVISOR = {"multiresunet": (16, 16, 16), "unetr": (16, 16, 16)}
@@ -250,7 +251,8 @@ def fit_budget(
 ) -> tuple[tuple[tuple[int, ...], rules.Topology | None, str], dict, str, int]:
     """The width for the budget (``rules.width_for_budget``) and, when even the narrowest network
     makes fewer than ``MIN_STEPS`` steps at the memory's patch, a smaller patch that does: steps at
-    a patch are estimated from its voxels (a step's time follows them), the chosen one is timed.
+    a patch are estimated from its voxels (a step's time follows them), the chosen one is timed; a
+    patch that would leave fewer than ``MIN_POOLINGS`` down-samplings is never chosen.
 
     Returns ((patch, topology, patch reason), network keys, width reason, expected steps).
     """
@@ -261,10 +263,13 @@ def fit_budget(
     if steps < rules.MIN_STEPS:
         voxels = float(np.prod(patch))
 
+        fixed = FIXED_DIVISOR.get(bundle)
+
         def enough_steps(p: tuple[int, ...]) -> bool:
+            if not fixed and rules.topology(p, spacing).poolings < MIN_POOLINGS:
+                raise ValueError(f"patch {p} leaves fewer than {MIN_POOLINGS} down-samplings")
             return steps * voxels / float(np.prod(p)) >= rules.MIN_STEPS and memory_fits(p)
 
-        fixed = FIXED_DIVISOR.get(bundle)
         with contextlib.suppress(ValueError):  # none makes enough steps either: the memory's patch stays
             patch, topo, patch_why = rules.patch_size(median, spacing, enough_steps, fixed, "the time budget")
         seconds = step_seconds(patch, batch, network_keys(bundle, topo, width))
