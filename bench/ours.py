@@ -20,8 +20,6 @@ from pipeline.bundle_parser import bundle_parser
 from pipeline.data.datalist import save_dataset_info
 from pipeline.io.checkpoint import load_network_weights
 
-parser_for = bundle_parser  # the name bench/scaling.py still imports
-
 
 def seeded_checkpoint(bundle: str, datalist: Path, folder: Path, overrides: Mapping[str, Any]) -> Path:
     """Random but seeded weights for ``bundle`` (timing needs no training), saved as ``model.pt``

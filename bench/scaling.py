@@ -9,6 +9,7 @@ import torch
 
 from bench import ours
 from bench.volumes import write_case, write_datalist
+from pipeline.bundle_parser import bundle_parser
 
 
 def inference_scaling(bundle: str, args: argparse.Namespace, overrides: dict, checkpoint: Path) -> list[dict]:
@@ -39,7 +40,7 @@ def cache_scaling(bundle: str, args: argparse.Namespace, overrides: dict) -> lis
     rows = []
     for count in args.cache_cases:
         datalist = write_datalist(args.data_dir, args.train_volume, 2 * count)  # every other case validates
-        parser = ours.parser_for(bundle, "train", {**overrides, "datalist": str(datalist)})
+        parser = bundle_parser(bundle, "train", {**overrides, "datalist": str(datalist)})
         dataset = parser.get_parsed_content("train::dataset")
         rows.append({"cases": len(dataset), "cache_mib": round(cached_bytes(dataset) / 2**20, 1)})
     return rows

@@ -35,7 +35,6 @@ class StepProbe:
         self.bundle, self.in_channels, self.num_classes = bundle, in_channels, num_classes
         self.fixed_divisor, self.device = fixed_divisor, device
         self.measured: dict[str, tuple[int, float]] = {}
-        self.seconds_per_voxel = 0.0
 
     def network(self, patch: Sequence[int], keys: dict, entry: str = "network_def"):
         # Here, not at the top: monai.bundle and torch cost seconds, and ``medseg plan`` without a
@@ -62,7 +61,6 @@ class StepProbe:
             cost = measure_step(network, reference, rules.MIN_BATCH, self.in_channels, device)
             voxels = float(np.prod(reference)) * rules.MIN_BATCH
             self.measured[signature] = (weights, max(cost.peak_bytes - weights, 0) / voxels)
-            self.seconds_per_voxel = cost.seconds / voxels
         weights, per_voxel = self.measured[signature]
         return int(weights + per_voxel * float(np.prod(patch)) * batch)
 
