@@ -35,13 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from monai.utils import path_to_sqlite_uri
 
 from bench import machine
 from bench.run import bundle_overrides
 from pipeline.data.datalist import cases, read_json
 from pipeline.data.mni_brain import datalist_is_valid
 from pipeline.io.atomic import atomic_write
-from pipeline.workflows import available_bundles
+from pipeline.io.checkpoint import load_checkpoint
+from pipeline.planning.plan import NETWORK_KEYS, PLAN_FILE
+from pipeline.workflows import available_bundles, workflow_setting
 
 ROOT = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS = ROOT.parent / "shared" / "data" / "msd_hippocampus" / "dataset.json"
@@ -59,6 +62,18 @@ QUICK_NETWORK = {
     "unet3d": {"strides": [2, 2, 2, 2], "kernel_sizes": [3] * 5},
 }
 TARGET_DICE = 0.85  # issue 15: planned unet3d on the hippocampus split, 10 minutes, 2 cores
+# --levers: issue 15's recipe levers, each one change to the planned arm at the same budget (unet3d).
+LEVERS: dict[str, dict[str, Any]] = {
+    "sgd-poly": {  # nnU-Net's optimiser: SGD, Nesterov momentum 0.99, lr 1e-2, poly(0.9) decay
+        "optimizer": "@sgd_optimizer",
+        "lr_scheduler": "@poly_schedule",
+        "learning_rate": 0.01,
+        "weight_decay": 3.0e-5,
+    },
+    "batch-dice": {"loss::batch": True},  # Dice over the batch as one volume, as nnU-Net for 3D
+    "deep-supervision": {"deep_supervision": True},
+    "fg-third": {"crop_foreground_ratio": 0.33},  # nnU-Net forces a third of the patches onto foreground
+}
 
 
 @dataclass
@@ -132,8 +147,6 @@ def write_split(split: dict, path: Path, runs: Path, fresh: bool) -> None:
 
 
 def tracking_args(work: Path) -> list[str]:
-    from monai.utils import path_to_sqlite_uri
-
     store = work / "mlflow" / "mlruns.db"
     store.parent.mkdir(parents=True, exist_ok=True)
     return ["--tracking-uri", path_to_sqlite_uri(str(store)), "--tracking-optional"]
@@ -142,7 +155,7 @@ def tracking_args(work: Path) -> list[str]:
 def train_command(arm: Arm, minutes: float, tracking: list[str]) -> list[str]:
     budget = (
         ["--minutes", str(minutes)]
-        if arm.arm == "planned"
+        if arm.arm.startswith("planned")
         else ["--no-plan", f"time_budget_minutes={minutes}"]
     )
     extra = [f"{key}={json.dumps(value)}" for key, value in arm.overrides.items()]
@@ -212,8 +225,6 @@ def scores(metrics: Path) -> dict[str, Any]:
 
 def progress(latest: Path) -> dict[str, Any]:
     """Epochs and iterations the training made, and its best validation, from its last training state."""
-    from pipeline.io.checkpoint import load_checkpoint
-
     if not latest.is_file():
         return {"epochs": None, "iterations": None}
     state = load_checkpoint(latest)
@@ -232,9 +243,6 @@ def progress(latest: Path) -> dict[str, Any]:
 def settings(arm: Arm) -> dict[str, Any]:
     """The main keys the arm trained with (the arm's overrides, over its plan.yaml, over the bundle), and
     what the plan itself chose (``plan``: the same unless --quick overrode it)."""
-    from pipeline.planning.plan import NETWORK_KEYS, PLAN_FILE
-    from pipeline.workflows import workflow_setting
-
     plan_file = arm.folder / PLAN_FILE
     plan = (yaml.safe_load(plan_file.read_text()) or {}) if plan_file.is_file() else {}
     keys = {**plan, **arm.overrides}
@@ -325,6 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, help="training budget per arm (default 10; quick 0.2)")
     parser.add_argument("--quick", action="store_true", help="6 cases, tiny networks, 0.2 min: a smoke test")
     parser.add_argument("--fresh", action="store_true", help="redo the chosen bundles' finished arms")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="default: both")
+    parser.add_argument("--levers", nargs="*", choices=list(LEVERS), help="planned+LEVER arms (default none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-cases", type=int, help="held-out hippocampus cases (default 40; quick 2)")
     parser.add_argument("--train-cases", type=int, help="training cases (default: all the rest; quick 4)")
@@ -365,12 +375,19 @@ def arms_to_run(args: argparse.Namespace, split_path: Path, results: dict) -> li
         say(results["mni_skipped"])
     else:
         results["mni_skipped"] = "no --mni-bundles" + (" (--quick)" if args.quick else "")
+    arms = [(arm, {}) for arm in args.arms]
+    arms += [(f"planned+{lever}", LEVERS[lever]) for lever in args.levers or ()]
     return [
         Arm(
-            dataset, bundle, arm, datalist, runs / dataset / bundle / arm, quick_overrides(bundle, args.quick)
+            dataset,
+            bundle,
+            arm,
+            datalist,
+            runs / dataset / bundle / arm,
+            {**quick_overrides(bundle, args.quick), **lever},
         )
         for dataset, datalist, bundle in chosen
-        for arm in ARMS
+        for arm, lever in arms
     ]
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import torch
 
 from bench import baseline, machine, ours
@@ -91,8 +92,6 @@ def inference_pair(bundle: str, args: argparse.Namespace, image: str, work: Path
 
 
 def voxels(image: str) -> int:
-    import nibabel as nib
-
     shape = nib.load(image).shape
     return int(shape[0] * shape[1] * shape[2])
 

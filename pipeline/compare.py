@@ -27,7 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from pipeline import workflows
+from pipeline.data.datalist import cases, dataset_name
+from pipeline.evaluation import evaluate_predictions
+from pipeline.evaluation.leaderboard import Entry, case_means, ranked, write_leaderboard
 from pipeline.io.atomic import atomic_write
+from pipeline.io.checkpoint import load_checkpoint, network_weights
+from pipeline.planning.plan import PLAN_FILE
+from pipeline.tracking import default_tracking_uri, git_commit, new_run_name
+from pipeline.tracking.runs import find_run_id
+from pipeline.tracking.store import ensure_experiment
+from pipeline.training.run_folder import LATEST_FILE
+from pipeline.workflows import bundle_dir, require_valid_data
 
 DEFAULT_BUNDLES = ("unet3d", "resunet", "attention_unet", "unetr", "multiresunet")
 STATE_FILE = "compare.json"
@@ -145,16 +159,12 @@ def run_job(comparison: Comparison, key: str, function: str, **kwargs: Any) -> d
 
 def _run_spec(path: str) -> None:
     """The child side of ``run_job``."""
-    from pipeline import workflows
-
     spec = json.loads(Path(path).read_text())
     getattr(workflows, spec["function"])(**spec["kwargs"])
 
 
 def held_out_split(datalist: Path, folds: int) -> str:
     """Labelled test cases when there are some and no cross-validation, else the validation fold."""
-    from pipeline.data.datalist import cases
-
     if folds == 1 and any("label" in case for case in cases(datalist, role="test")):
         return "test"
     return "validation"
@@ -162,9 +172,6 @@ def held_out_split(datalist: Path, folds: int) -> str:
 
 def open_parent_run(comparison: Comparison, client: Any, experiment: str) -> str:
     """The comparison's MLflow run: created once, reopened when the comparison resumes."""
-    from pipeline.tracking import git_commit, new_run_name
-    from pipeline.tracking.store import ensure_experiment
-
     if "parent_run_id" in comparison.state:
         client.update_run(comparison.state["parent_run_id"], status="RUNNING")
         return comparison.state["parent_run_id"]
@@ -211,8 +218,6 @@ def train_bundle(comparison: Comparison, bundle: str, fold: int, parent_id: str)
 def share_plan(first: Path, other: Path) -> None:
     """Plan once per bundle: the plan is made from every labelled case, so it is the same for each
     fold, and a fold's run folder starts with fold 0's (a fold already begun keeps its own)."""
-    from pipeline.planning.plan import PLAN_FILE
-
     if (first / PLAN_FILE).is_file() and not (other / PLAN_FILE).exists():
         with atomic_write(other / PLAN_FILE) as handle:
             handle.write((first / PLAN_FILE).read_bytes())
@@ -249,8 +254,6 @@ def ensemble_bundles(
     comparison: Comparison, members: Sequence[str], fold: int
 ) -> tuple[Path, dict[str, float]]:
     """Average the softmax of the members' checkpoints on the held-out cases, then score it."""
-    from pipeline.data.datalist import cases
-
     name = "+".join(members)
     folder = comparison.output_dir / f"ensemble_{name}" / f"fold{fold}"
     split = held_out_split(comparison.datalist, comparison.folds)
@@ -268,27 +271,19 @@ def ensemble_bundles(
         tracking=False,
     )
     output = folder / "evaluation"
-    from pipeline.evaluation import evaluate_predictions
-
     evaluate_predictions(folder / "predictions", comparison.datalist, output, split=split, val_fold=fold)
     return output, measured
 
 
 def parameter_count(checkpoint: Path) -> int:
     """Counted from the trained weights, so it is the network as trained (user overrides included)."""
-    import torch
-
-    from pipeline.io.checkpoint import network_weights
-
-    state = network_weights(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    state = network_weights(load_checkpoint(checkpoint))
     return int(sum(tensor.numel() for tensor in state.values()))
 
 
 def epochs_trained(models: Path) -> int:
     """The epoch the training ended at (a time budget decides it), from its latest checkpoint."""
-    import torch
-
-    state = torch.load(models / "latest.pt", map_location="cpu", weights_only=True, mmap=True)
+    state = load_checkpoint(models / LATEST_FILE)
     trainer = state["trainer"]  # ignite's state_dict: iterations, not epochs
     return int(trainer["iteration"]) // max(1, int(trainer["epoch_length"]))
 
@@ -309,9 +304,6 @@ def race_fold(comparison: Comparison, fold: int, client: Any, board: dict[str, A
 
     Any error of one bundle's steps (its processes, the MLflow look-up of its run, reading its
     results) is caught: after hours of racing, the other rows must still reach the leaderboard."""
-    from pipeline.evaluation.leaderboard import Entry, case_means
-    from pipeline.tracking.runs import find_run_id
-
     for bundle in comparison.bundles:
         try:
             trained = train_bundle(comparison, bundle, fold, comparison.state["parent_run_id"])
@@ -335,8 +327,6 @@ def race_fold(comparison: Comparison, fold: int, client: Any, board: dict[str, A
 
 def log_held_out(client: Any, run_id: str, means: Mapping[str, float]) -> None:
     """The held-out metrics on the bundle's child run, so MLflow's compare view lines them up."""
-    from mlflow.entities import Metric
-
     stamp = int(time.time() * 1000)
     metrics = [Metric(f"heldout_{key}", float(value), stamp, 0) for key, value in means.items()]
     client.log_batch(run_id, metrics=metrics)
@@ -344,8 +334,6 @@ def log_held_out(client: Any, run_id: str, means: Mapping[str, float]) -> None:
 
 def add_ensemble(comparison: Comparison, board: dict[str, Any]) -> None:
     """The ensemble of the two best plain bundles, as one more row."""
-    from pipeline.evaluation.leaderboard import Entry, case_means, ranked
-
     plain = [entry for entry in ranked(board.values()) if not entry.tta and not entry.failure]
     if len(plain) < 2:
         return
@@ -377,13 +365,6 @@ def compare(
 ) -> Path:
     """Race the bundles; returns the leaderboard's Markdown file (an HTML twin lies beside it).
     Each bundle is planned (``plan.yaml`` in its run folder, for ``minutes``) unless ``plan`` is False."""
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.data.datalist import dataset_name
-    from pipeline.evaluation.leaderboard import write_leaderboard
-    from pipeline.tracking import default_tracking_uri
-    from pipeline.workflows import bundle_dir, require_valid_data
-
     if epochs is None and minutes is None:
         raise ValueError("give a budget: --epochs N or --minutes M (the same for every bundle)")
     if folds < 1:

@@ -3,8 +3,6 @@
 Here a workflow is composed at run time from ``bundles/common/`` and the bundle's ``model.yaml``;
 a model-zoo user expects one merged config per workflow, run with plain ``python -m monai.bundle
 run`` from the bundle's folder; ``pipeline.export_zoo`` adds what the model zoo checks for.
-MONAI and ``pipeline.workflows`` are imported inside functions: ``medseg`` registers this command
-on every start, and importing them costs seconds.
 """
 
 from __future__ import annotations
@@ -20,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.bundle import ConfigParser
+from monai.bundle.utils import merge_kv
 
+from pipeline import export_zoo as zoo
 from pipeline.data.datalist import save_dataset_info
 from pipeline.io.checkpoint import (
     CheckpointError,
@@ -28,6 +29,17 @@ from pipeline.io.checkpoint import (
     load_checkpoint,
     network_weights,
     save_atomic,
+)
+from pipeline.paths import (
+    BUNDLES_DIR,
+    COMMON_DIR,
+    LOGGING_FILE,
+    MODEL_FILE,
+    PROJECT_ROOT,
+    WORKFLOW_FILES,
+    bundle_dir,
+    config_files,
+    meta_files,
 )
 
 # Workflows shipped as overrides on another workflow's config, as the model zoo ships multi-GPU training.
@@ -60,9 +72,6 @@ NOTE = (
 
 def export_bundle(name: str, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
     """Write the bundle to ``out_dir``, all or nothing: built beside it, then renamed into place."""
-    from pipeline import export_zoo as zoo  # imports MONAI: seconds on every medseg start otherwise
-    from pipeline.workflows import bundle_dir
-
     target = Path(out_dir).absolute()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"{target} exists and is not empty; export into a new or empty folder")
@@ -103,10 +112,6 @@ def _require_state_dict(checkpoint: str | Path) -> None:
 
 def _write_configs(name: str, folder: Path) -> dict:
     """One merged JSON per workflow, overlays as overrides only; returns the merged metadata."""
-    from monai.bundle import ConfigParser
-
-    from pipeline.workflows import LOGGING_FILE, WORKFLOW_FILES, config_files, meta_files
-
     folder.mkdir(parents=True)
     for workflow in WORKFLOW_FILES:
         if workflow in OVERLAYS:
@@ -126,10 +131,6 @@ def _overlay_overrides(name: str, workflow: str) -> dict:
     The repository merges them before the bundle's model.yaml, a model-zoo user after the merged
     base config; refuse when that order would change the result.
     """
-    from monai.bundle import ConfigParser
-
-    from pipeline.workflows import COMMON_DIR, MODEL_FILE, WORKFLOW_FILES, bundle_dir, config_files
-
     base = OVERLAYS[workflow]
     extra = [f for f in WORKFLOW_FILES[workflow] if f not in WORKFLOW_FILES[base]]
     overrides: dict = {}
@@ -159,9 +160,6 @@ def check_no_clash(overrides: Mapping, model: Mapping, source: str) -> None:
 
 def _merge(configs: list[Mapping]) -> dict:
     """What ``--config_file`` with several files does, on dicts (copies: MONAI's ``+`` merges in place)."""
-    from monai.bundle import ConfigParser
-    from monai.bundle.utils import merge_kv
-
     parser = ConfigParser(config={})
     for config in copy.deepcopy(configs):
         for key, value in config.items():
@@ -192,10 +190,6 @@ def _code(value: Any) -> set[str]:
 def shipped_code(bundle: str | None = None) -> set[str]:
     """The code of the repository's own config files: the shared ones and the bundle's (every bundle's
     when None). An export merges these files and writes nothing else, so it runs nothing else."""
-    from monai.bundle import ConfigParser
-
-    from pipeline.workflows import BUNDLES_DIR, COMMON_DIR, bundle_dir
-
     folders = [COMMON_DIR, *([bundle_dir(bundle) / "configs"] if bundle else BUNDLES_DIR.glob("*/configs"))]
     files = [
         path for folder in folders for path in sorted(folder.glob("*")) if path.suffix in {".yaml", ".json"}
@@ -209,8 +203,6 @@ def check_portable(configs: Path, bundle: str | None = None) -> None:
     the bundle's own config files. A deny-list of dangerous calls (``__import__``, ``os.system``, ...)
     would miss the next one (``torch.hub.load``, ``numpy.load``); an allow-list of the shipped code
     cannot be talked round by spelling."""
-    from pipeline.workflows import PROJECT_ROOT
-
     allowed = shipped_code(bundle)
     for path in sorted(configs.glob("*.json")):
         config = json.loads(path.read_text())
@@ -233,8 +225,6 @@ def check_portable(configs: Path, bundle: str | None = None) -> None:
 
 def _replacements() -> dict[tuple[str, ...], str]:
     """File lists a docs command may give (as file names) -> the exported config(s) that replace them."""
-    from pipeline.workflows import MODEL_FILE, WORKFLOW_FILES
-
     table = {}
     for workflow, files in WORKFLOW_FILES.items():
         exported = [f"configs/{w}.json" for w in (OVERLAYS.get(workflow), workflow) if w]
@@ -271,8 +261,6 @@ def rewrite_commands(text: str) -> str:
 def exported_options(workflow: str, tracking: bool) -> str:
     """What ``medseg config-files`` prints, for the exported folder: its merged configs, run from it
     (MONAI's own MLflow record, as the export ships no tracking settings)."""
-    from pipeline.workflows import MODEL_FILE, WORKFLOW_FILES
-
     if workflow not in WORKFLOW_FILES:
         raise ValueError(f"docs command asks for workflow {workflow!r}; one of {', '.join(WORKFLOW_FILES)}")
     config = _replacements()[(*WORKFLOW_FILES[workflow], Path(MODEL_FILE).name)]
@@ -284,8 +272,6 @@ def exported_options(workflow: str, tracking: bool) -> str:
 def _write_docs(name: str, version: str, folder: Path, unscripted: str | None = None) -> None:
     """The bundle's README with its commands rewritten, and a note on what the export needs (and why
     it has no TorchScript weights, when it has none)."""
-    from pipeline.workflows import bundle_dir
-
     text = rewrite_commands((bundle_dir(name) / "docs" / "README.md").read_text())
     text = text.replace("(from the repository root)", "(from this folder)")
     note = NOTE.format(name=name, version=version)

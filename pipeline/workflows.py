@@ -21,6 +21,7 @@ from monai.bundle import ConfigParser
 from monai.bundle import run as run_bundle_config
 
 from pipeline.bundle_parser import bundle_parser
+from pipeline.data.check import check_image, require_valid
 from pipeline.inference.batch import CaseFailures, Failure, cases_to_segment
 from pipeline.io.atomic import DiskFullError
 from pipeline.io.checkpoint import CheckpointError, load_network_weights, with_training_config
@@ -39,23 +40,21 @@ from pipeline.paths import (  # noqa: F401  (re-exported: callers import the bun
     config_files,
     meta_files,
 )
+from pipeline.planning.auto import patch_followers, run_folder_plan, training_config
 from pipeline.tracking import TrackingUnavailable, check_reachable, default_tracking_uri
 from pipeline.training.interrupt import TrainingInterrupted, last_interruption
+from pipeline.training.run_folder import LATEST_FILE
 
 logger = logging.getLogger(__name__)
 
 
 def require_valid_data(datalist: str | Path, roles: tuple[str, ...], overrides: Mapping[str, Any]) -> None:
     """Every case of the roles checked before any work (``medseg check``'s report on failure)."""
-    from pipeline.data.check import require_valid
-
     require_valid(datalist, overrides.get("dataset_dir"), roles, val_fold=int(overrides.get("val_fold", 0)))
 
 
 def usable_inputs(cases: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[Failure]]:
     """The cases that pass the image checks, and the refused ones, each logged with its reason once."""
-    from pipeline.data.check import check_image
-
     usable, refused = [], []
     for case in cases:
         errors = [f for f in check_image(case["image"]) if f.severity == "error"]
@@ -205,9 +204,6 @@ def train(
     With ``nproc`` > 1, one process per GPU (or CPU worker) through torchrun. A run stopped by
     SIGINT/SIGTERM raises ``TrainingInterrupted`` once its checkpoint is written.
     """
-    from pipeline.planning.auto import patch_followers, run_folder_plan, training_config
-    from pipeline.training.run_folder import LATEST_FILE
-
     bundle_dir(name)  # an unknown bundle fails before any data is read or planned
     overrides = dict(overrides or {})
     if minutes is not None:

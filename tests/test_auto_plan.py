@@ -51,7 +51,8 @@ def test_medseg_train_plans_the_run_folder_and_infer_reads_the_saved_plan(
     assert plan["patch_size"] != [96, 96, 96], "the phantoms' own size, not the bundle's default"
     saved = load_checkpoint(run / "models" / "model.pt")[CONFIG_KEY]
     assert saved == {
-        key: plan[key] for key in ("spacing", "patch_size", "zscore_nonzero", "channels", "strides")
+        key: plan[key]
+        for key in ("spacing", "patch_size", "sw_batch_size", "zscore_nonzero", "channels", "strides")
     }
 
     (training,) = [r for r in all_runs(MlflowClient(uri)) if r.data.tags["workflow"] == "train"]

@@ -15,10 +15,11 @@ import torch
 from conftest import tiny
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
+from monai.engines import SupervisedEvaluator
 from monai.optimizers import WarmupCosineSchedule
 
 from pipeline.io.checkpoint import load_checkpoint
-from pipeline.training import ProgressLogger, TimeBudget
+from pipeline.training import ProgressLogger, TimeBudget, ValidationHandler
 from pipeline.training.budget import epoch_length
 from pipeline.training.distributed import data_loader_workers
 from pipeline.workflows import bundle_dir, config_files, meta_files
@@ -137,3 +138,29 @@ def test_data_loader_workers_follow_the_cores(monkeypatch: pytest.MonkeyPatch) -
     assert bundle_config("train").get_parsed_content("num_workers") == data_loader_workers(cores)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: the node's cores shared by two processes
     assert data_loader_workers() == data_loader_workers(cores // 2)
+
+
+class _SlowNetwork(torch.nn.Module):
+    """A validation that takes at least 0.1 s a case (two cases)."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.1)
+        return image
+
+
+def test_validations_keep_to_their_share_of_the_budget() -> None:
+    """Validations of 0.2 s in a 3 s budget: a tenth of it (0.3 s) allows one, so after the first (which
+    times them) only the last epoch validates, not each of the ten or so."""
+    cases = [{"image": torch.zeros(1, 1, 2, 2, 2), "label": torch.zeros(1, 1, 2, 2, 2)}] * 2
+    validator = SupervisedEvaluator(device="cpu", val_data_loader=cases, network=_SlowNetwork())
+    validated: list[int] = []
+    trainer = Engine(lambda engine, batch: time.sleep(0.02))
+    budget = TimeBudget(minutes=3 / 60, validator=validator)
+    budget.attach(trainer)
+    ValidationHandler(interval=1, validator=validator, budget=budget).attach(trainer)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: validated.append(engine.state.epoch))
+    validator.add_event_handler(Events.COMPLETED, lambda _: validated.append(-trainer.state.epoch))
+    trainer.run(list(range(1000)), max_epochs=1000)
+    runs = [-epoch for epoch in validated if epoch < 0]
+    assert trainer.state.max_epochs >= 5, "the budget left room for several epochs"
+    assert runs == [1, trainer.state.max_epochs], f"validated at epochs {runs}"

@@ -52,7 +52,8 @@ def test_every_id_resolves(bundle: str, workflow: str, phantom_datalist: Path, t
     assert loaded.check_properties() in (None, []), "MONAI's required bundle properties are all present"
     engine = loaded.parser.get_parsed_content(WORKFLOWS[workflow][1])
     assert engine.network is not None
-    output = loaded.parser.get_parsed_content("network_def")(torch.zeros(1, 1, 32, 32, 32))
+    network = loaded.parser.get_parsed_content("network_def").eval()  # training mode stacks DS heads
+    output = network(torch.zeros(1, 1, 32, 32, 32))
     assert output.shape == (1, 3, 32, 32, 32), "one output channel per datalist label"
     weights = [p for p in engine.network.parameters() if p.ndim == 5]
     channels_last = loaded.parser.get_parsed_content("channels_last")

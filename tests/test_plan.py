@@ -84,6 +84,27 @@ def test_a_budget_too_short_for_the_median_patch_gets_a_smaller_one() -> None:
     assert len(plan.network["strides"]) < len(unbudgeted.network["strides"]), "the depth follows the patch"
 
 
+def test_a_budget_narrows_unetr_s_vit_with_its_decoder(tmp_path: Path) -> None:
+    """UNETR's ViT holds its time, so a budget narrows it: at the base width 8, hidden 384 (6 heads of 64,
+    MLP 1536) makes 1000 steps in 10 min where the bundle's own ViT-Base (16: hidden 768) does not."""
+
+    def seconds(patch: tuple[int, ...], batch: int, keys: dict) -> float:
+        return keys["hidden_size"] * 6e-4  # 384: 0.23 s a step, ~1300 steps; 768: ~650
+
+    plan = make_plan(hippocampus_like(), "unetr", CPU, minutes=10, step_bytes=by_voxels, step_seconds=seconds)
+    assert plan.network == {"feature_size": 8, "hidden_size": 384, "mlp_dim": 1536, "num_heads": 6}
+    assert "base width 8 widest whose expected steps" in plan.reasons["feature_size"]
+    assert make_plan(hippocampus_like(), "unetr", CPU, step_bytes=by_voxels).network["hidden_size"] == 768
+    path = write_plan(plan, tmp_path / "plan.yaml")
+    parser = ConfigParser()
+    parser.read_config([*config_files("unetr", "train"), str(path)])
+    parser.update({"in_channels": 1, "num_classes": 3})
+    network = parser.get_parsed_content("network_def")
+    block = network.vit.blocks[0]
+    assert (block.attn.num_heads, block.mlp.linear1.out_features) == (6, 1536)
+    assert network(torch.zeros(1, 1, *plan.patch_size)).shape == (1, 3, *plan.patch_size)
+
+
 def test_planned_resunet_strides_build_and_fit_the_patch(tmp_path: Path) -> None:
     plan = make_plan(hippocampus_like(), "resunet", CPU)  # the real memory probe of the bundle's UNet
     assert plan.patch_size == (40, 56, 40)

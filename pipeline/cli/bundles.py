@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pipeline.demo import run_demo
 from pipeline.export import export_bundle
 from pipeline.paths import WORKFLOW_FILES, run_options
+from pipeline.workflows import available_bundles, describe
 
 
 def _bundles(_: argparse.Namespace) -> None:
-    from pipeline.workflows import available_bundles, describe  # slow to import, for this command only
-
     print(f"{'bundle':<16} {'version':<9} {'parameters':>12}")
     for name in available_bundles():
         info = describe(name)
@@ -54,8 +54,6 @@ def add_export_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from pipeline.demo import run_demo  # slow to import, for this command only
-
     run_demo(Path(args.output), epochs=args.epochs)
 
 

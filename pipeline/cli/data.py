@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline.data.build import build_datalist
 from pipeline.data.check import DEFAULT_ROLES, MEMORY_BUDGET, checked_cases
 from pipeline.data.datalist import ROLES
+from pipeline.data.download import download_msd
 from pipeline.data.layouts import READERS, listing
 from pipeline.io.dicom import ConversionFailures, dicom_to_nifti
 from pipeline.paths import available_bundles
@@ -119,8 +120,6 @@ def add_plan_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _download(args: argparse.Namespace) -> None:
-    from pipeline.data.download import download_msd  # monai.apps: slow to import, for this command only
-
     print(download_msd(args.name, Path(args.root)))
 
 

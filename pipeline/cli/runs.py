@@ -1,8 +1,4 @@
-"""``medseg train``, ``infer``, ``evaluate`` and ``compare``: the commands that run a bundle's network.
-
-``pipeline.workflows`` and ``pipeline.evaluation`` are imported inside the commands that use them:
-they pull in the bundle machinery, seconds that every other command would pay at each start.
-"""
+"""``medseg train``, ``infer``, ``evaluate`` and ``compare``: the commands that run a bundle's network."""
 
 from __future__ import annotations
 
@@ -11,6 +7,9 @@ from pathlib import Path
 
 from pipeline.cli.options import OVERRIDES_EPILOG, add_tracking_options, parse_overrides, run_overrides
 from pipeline.compare import DEFAULT_BUNDLES, compare
+from pipeline.evaluation import REPORT_FILE, evaluate_predictions, read_summary
+from pipeline.evaluation.report import summary_lines
+from pipeline.workflows import evaluate, infer, infer_ensemble, train
 
 
 def default_checkpoint(bundle: str) -> Path:
@@ -27,8 +26,6 @@ def ensemble_members(text: str) -> list[tuple[str, Path]]:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from pipeline.workflows import train  # slow import, see the module docstring
-
     models = train(
         args.bundle,
         args.data,
@@ -44,8 +41,6 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _infer(args: argparse.Namespace) -> None:
-    from pipeline.workflows import infer, infer_ensemble  # slow import, see the module docstring
-
     checkpoint = args.checkpoint or default_checkpoint(args.bundle)
     overrides = run_overrides(args)
     if args.dicom_seg:
@@ -60,9 +55,6 @@ def _infer(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from pipeline.evaluation import REPORT_FILE, read_summary  # slow import, see the module docstring
-    from pipeline.evaluation.report import summary_lines
-
     if args.bundle and "=" in args.bundle:  # no bundle given: argparse took the first key=value for it
         args.overrides, args.bundle = [args.bundle, *args.overrides], None
     out = _score_predictions(args) if args.predictions else _run_evaluation(args)
@@ -71,8 +63,6 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _run_evaluation(args: argparse.Namespace) -> Path:
-    from pipeline.workflows import evaluate  # slow import, see the module docstring
-
     if not args.bundle:
         raise ValueError("give a bundle to run, or --predictions DIR to score segmentations already on disk")
     checkpoint = args.checkpoint or default_checkpoint(args.bundle)
@@ -81,8 +71,6 @@ def _run_evaluation(args: argparse.Namespace) -> Path:
 
 
 def _score_predictions(args: argparse.Namespace) -> Path:
-    from pipeline.evaluation import evaluate_predictions  # slow import, see the module docstring
-
     if args.bundle or args.checkpoint:
         raise ValueError("--predictions scores files on disk: give no bundle and no --checkpoint with it")
     options = parse_overrides(args.overrides)

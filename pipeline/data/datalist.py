@@ -25,6 +25,7 @@ from monai.data import load_decathlon_datalist
 
 from pipeline.io.atomic import atomic_write
 from pipeline.io.datalist_file import DATASET_INFO_FILE, Source, read_json
+from pipeline.io.dicom import is_series_path
 
 CASE_LISTS = ("training", "validation", "test")
 FINGERPRINT_KEY = "training_cases"  # in the dataset facts: count and hash of the labelled cases
@@ -169,8 +170,6 @@ def image_cases(inputs: str | Path | list[str | Path]) -> list[dict]:
     Hidden files are no images: macOS ``._*`` copies (MSD archives ship them) and the partial
     files of a killed writer (``pipeline.io.atomic``) are skipped in folders, refused when named.
     """
-    from pipeline.io.dicom import is_series_path
-
     entries = []
     for item in [inputs] if isinstance(inputs, (str, Path)) else inputs:
         path = Path(item)

@@ -18,7 +18,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from pipeline.evaluation.metrics import score_case
-from pipeline.evaluation.report import CaseResult, flat_means, write_evaluation
+from pipeline.evaluation.outputs import write_evaluation
+from pipeline.evaluation.report import CaseResult, flat_means
 from pipeline.postprocessing import channel_argmax, voxel_spacing
 from pipeline.tracking.safe import case_label
 

@@ -24,6 +24,7 @@ from matplotlib.patches import Patch
 from pipeline.evaluation.metrics import METRICS
 from pipeline.evaluation.report import CaseResult, case_columns, case_row, variant_title
 from pipeline.io.atomic import atomic_write
+from pipeline.visualisation import save_overlay
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,6 @@ def overlay_png(
     result: CaseResult, label_names: Mapping[int, str], modality: str, title: str
 ) -> bytes | None:
     """The case's ground truth above its prediction; None (and a warning) when it cannot be drawn."""
-    from pipeline.visualisation import save_overlay
-
     if not (result.image and result.label and result.prediction):
         return None
     with tempfile.TemporaryDirectory() as folder:

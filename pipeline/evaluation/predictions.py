@@ -17,7 +17,8 @@ import numpy as np
 
 from pipeline.data.datalist import cases, label_names, modality
 from pipeline.evaluation.metrics import ClassScores, score_case
-from pipeline.evaluation.report import CaseResult, write_evaluation
+from pipeline.evaluation.outputs import write_evaluation
+from pipeline.evaluation.report import CaseResult
 from pipeline.io.geometry import Grid, grid_mismatch
 from pipeline.io.names import case_name
 from pipeline.io.readers import output_names

@@ -1,4 +1,4 @@
-"""What an evaluation writes: ``per_case.csv``, ``metrics.json`` and ``report.html``.
+"""The tables of an evaluation: ``per_case.csv`` and ``metrics.json`` (``outputs`` adds ``report.html``).
 
 One result per case holds the scores of one or more *variants* of its prediction: the evaluate
 workflow scores the saved segmentation (``postprocessed``) and the network's argmax before
@@ -165,27 +165,3 @@ def flat_means(document: Mapping) -> dict[str, float]:
             for metric, stats in per_metric.items():
                 metrics[metric_name(f"{prefix}{metric}_{name}")] = float(stats["mean"])
     return metrics
-
-
-def write_evaluation(
-    output_dir: str | Path,
-    results: Sequence[CaseResult],
-    label_names: Mapping[int, str],
-    *,
-    modality: str = "MRI",
-    postprocessing: Mapping | None = None,
-    title: str = "Evaluation",
-) -> dict:
-    """Every output of an evaluation, written atomically; returns the ``metrics.json`` content."""
-    from pipeline.evaluation.html_report import write_report  # here: the page module imports this one
-
-    if not results:
-        raise ValueError("no case was scored, so there is nothing to report")
-    output_dir = Path(output_dir)
-    variants = list(results[0].scores)
-    for variant in variants:
-        write_case_table(output_dir / case_table_name(variant, variants), results, variant, label_names)
-    document = summary_document(results, variants, label_names, postprocessing)
-    write_summary(output_dir / SUMMARY_FILE, document)
-    write_report(output_dir / REPORT_FILE, results, document, label_names, modality=modality, title=title)
-    return document

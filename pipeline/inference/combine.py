@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from monai.inferers import Inferer
 
+from pipeline.inference.members import load_members
+
 logger = logging.getLogger(__name__)
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]  # an image batch -> logits
@@ -89,8 +91,6 @@ def choose_inferer(
 ) -> Inferer:
     """The inference config's inferer: plain, mirrored (``tta``), or an ensemble of checkpoints."""
     if ensemble:
-        from pipeline.inference.members import load_members
-
         members = load_members(ensemble, overrides, device)
         if tta:
             members = [(FlipAveragingInferer(member_inferer), net) for member_inferer, net in members]

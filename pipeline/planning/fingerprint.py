@@ -21,10 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from monai.apps.auto3dseg import DataAnalyzer
+from monai.apps.auto3dseg.transforms import EnsureSameShaped
+from monai.transforms import EnsureTyped, LoadImaged, Orientationd
 
 from pipeline.data.datalist import cases as datalist_cases
 from pipeline.data.datalist import label_names, read_json
 from pipeline.io.atomic import atomic_write
+from pipeline.io.dicom import split_series_path
+from pipeline.io.readers import NiftiOrDicomReader
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +157,6 @@ def analyse(entries: Sequence[dict], root: Path) -> dict[str, CaseStats]:
 
     DataAnalyzer logs and skips a case it cannot read; here that is an error naming the file.
     """
-    from monai.apps.auto3dseg import DataAnalyzer
-
     analyzer = DataAnalyzer(
         {"training": [{"image": c["image"], "label": c["label"]} for c in entries]},
         dataroot="",
@@ -209,8 +213,6 @@ def _case_name(entry: dict, root: Path) -> str:
 
 def _stamp(entry: dict) -> list:
     """Size and mtime of every file of the case (a DICOM series folder: of each of its files)."""
-    from pipeline.io.dicom import split_series_path
-
     stamp = []
     for path in [*_paths(entry["image"]), str(entry["label"])]:
         target = Path(split_series_path(path)[0])
@@ -223,11 +225,6 @@ def _stamp(entry: dict) -> list:
 
 def _loading(entries: Iterable[dict]) -> list:
     """DataAnalyzer's own loading steps, with the bundles' reader (NIfTI and DICOM series)."""
-    import torch
-    from monai.apps.auto3dseg.transforms import EnsureSameShaped
-    from monai.transforms import EnsureTyped, LoadImaged, Orientationd
-
-    from pipeline.io.readers import NiftiOrDicomReader
 
     keys = ["image", "label"]
     return [

@@ -37,7 +37,9 @@ MIN_POOLINGS = 2  # a patch shrunk for time stops before its U-Net would lose it
 FIXED_DIVISOR = {"multiresunet": (16, 16, 16), "unetr": (16, 16, 16)}
 NETWORK_KEYS = {"unet3d": ("features", "strides", "kernel_sizes"), "multiresunet": ("features",),
                 "resunet": ("channels", "strides"), "attention_unet": ("channels", "strides"),
-                "unetr": ()}  # fmt: skip
+                "unetr": ("feature_size", "hidden_size", "mlp_dim", "num_heads")}  # fmt: skip
+# The key holding a bundle's base width (model.yaml's name; a list of widths per level, or one number).
+WIDTH_KEY = {"resunet": "channels", "attention_unet": "channels", "unetr": "feature_size"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Plan:
     rotate90_axes: tuple[int, ...]
     rotate90_prob: float
     samples_per_volume: int = 2
+    sw_batch_size: int = 1
     zscore_nonzero: bool = True
     ct_clip: list | None = None
     ct_mean: float | list | None = None
@@ -69,6 +72,7 @@ class Plan:
             "patch_size": list(self.patch_size),
             "batch_size": self.batch_size,
             "samples_per_volume": self.samples_per_volume,
+            "sw_batch_size": self.sw_batch_size,
             "num_workers": self.num_workers,
             "rotate90_axes": list(self.rotate90_axes),
             "rotate90_prob": self.rotate90_prob,
@@ -92,7 +96,8 @@ class Plan:
     @staticmethod
     def from_config(keys: dict[str, Any]) -> Plan:
         """The typed view of plan keys (a ``plan.yaml`` read back, or a config's resolved keys)."""
-        known = {"spacing", "patch_size", "batch_size", "samples_per_volume", "num_workers", "rotate90_axes",
+        known = {"spacing", "patch_size", "batch_size", "samples_per_volume", "sw_batch_size", "num_workers",
+                 "rotate90_axes",
                  "rotate90_prob", "zscore_nonzero", "ct_clip", "ct_mean", "ct_std",
                  "time_budget_minutes"}  # fmt: skip
         missing = {"spacing", "patch_size", "batch_size"} - set(keys)
@@ -109,6 +114,7 @@ class Plan:
                 "rotate90_prob": float(keys.get("rotate90_prob", 0.2)),
                 "num_workers": int(keys.get("num_workers", 0)),
                 "samples_per_volume": int(keys.get("samples_per_volume", 2)),
+                "sw_batch_size": int(keys.get("sw_batch_size", 1)),
             },
             network={k: v for k, v in keys.items() if k not in known},
         )
@@ -171,8 +177,6 @@ def make_plan(
         fp, patch, spacing, device, lambda b: measure(patch, b, network) <= budget
     )
     width_why, steps_note = "", "no time budget: the bundle's own width, planned for accuracy"
-    if minutes is not None and not network:
-        steps_note = "the bundle's network takes no width or depth from a plan: its own, whatever the budget"
     if minutes is not None and network:
         fitted = fit_budget(
             bundle, minutes, (patch, topo, patch_why), batch, median, spacing, memory_fits,
@@ -181,6 +185,7 @@ def make_plan(
         (patch, topo, patch_why), network, width_why, steps = fitted
         steps_note = f"expected about {steps} training steps in {minutes:g} min on this device"
     samples, samples_why = rules.samples_per_volume()
+    windows, windows_why = rules.sw_batch_size(batch)
     axes, prob, rotate_why = rules.rotate90(patch)
     workers, workers_why = rules.num_workers(device)
     norms = rules.normalisation(fp)
@@ -190,16 +195,16 @@ def make_plan(
         "patch_size": f"patch: {patch_why}",
         "batch_size": f"batch: {batch_why}",
         "samples_per_volume": f"crops: {samples_why}",
+        "sw_batch_size": f"sliding window: {windows_why}",
         "num_workers": f"workers: {workers_why}",
         "rotate90_axes": f"augmentation: {rotate_why}",
         "rotate90_prob": f"augmentation: {rotate_why}",
         "zscore_nonzero": "normalisation: " + "; ".join(n.reason for n in norms),
         **{key: f"network: {network_why(bundle, key, topo, patch)}" for key in network},
     }
-    if width_why and "features" in network:
-        reasons["features"] = f"network: base width {network['features'][0]} {width_why}"
-    elif width_why:
-        reasons["channels"] = f"network: base width {network['channels'][0]} {width_why}"
+    if width_why:
+        key = WIDTH_KEY.get(bundle, "features")
+        reasons[key] = f"network: base width {base_of(network[key])} {width_why}"
     ct = [n for n in norms if n.scheme == "ct"]
     clip = mean = std = None
     if ct:
@@ -224,6 +229,7 @@ def make_plan(
         patch_size=patch,
         batch_size=batch,
         samples_per_volume=samples,
+        sw_batch_size=windows,
         num_workers=workers,
         rotate90_axes=tuple(axes),
         rotate90_prob=prob,
@@ -278,10 +284,13 @@ def fit_budget(
 
 
 def base_width(bundle: str) -> int:
-    """The bundle's own first-level width (its model.yaml): the plan shapes depth, not width."""
+    """The bundle's own base width (its model.yaml): the widest a budget may choose."""
     model = yaml.safe_load((bundle_dir(bundle) / "configs" / "model.yaml").read_text())
-    widths = model.get("features") or model.get("channels") or [32]
-    return int(widths[0])
+    return base_of(model[WIDTH_KEY.get(bundle, "features")])
+
+
+def base_of(width: int | Sequence[int]) -> int:
+    return int(width if isinstance(width, int) else width[0])
 
 
 def network_keys(bundle: str, topo: rules.Topology | None, base: int) -> dict[str, Any]:
@@ -294,6 +303,8 @@ def network_keys(bundle: str, topo: rules.Topology | None, base: int) -> dict[st
             "strides": [list(s) for s in topo.strides[1:]],
             "kernel_sizes": [list(k) for k in topo.kernels],
         }
+    if bundle == "unetr":
+        return rules.vit_width(base)
     if bundle in ("resunet", "attention_unet") and topo is not None:
         return {
             "channels": rules.features(topo.poolings, base),
@@ -307,6 +318,8 @@ def network_why(bundle: str, key: str, topo: rules.Topology | None, patch: Seque
         return f"{topo.poolings} down-samplings of patch {'x'.join(map(str, patch))}, per-axis strides"
     if key == "kernel_sizes" and topo is not None:
         return "3 per axis, 1 along an axis still over twice the finest spacing at that level"
+    if bundle == "unetr":
+        return f"{key}: the ViT's width follows the base width (ViT-Base at the bundle's own 16)"
     return f"{key}: the bundle's base width doubling per level, capped at 320"
 
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from pipeline.bundle_parser import bundle_parser
 from pipeline.planning import rules
 
 REFERENCE_PATCH = (32, 32, 32)  # the memory probe's size; larger patches are scaled from it
@@ -37,17 +39,11 @@ class StepProbe:
         self.measured: dict[str, tuple[int, float]] = {}
 
     def network(self, patch: Sequence[int], keys: dict, entry: str = "network_def"):
-        # Here, not at the top: monai.bundle and torch cost seconds, and ``medseg plan`` without a
-        # probe needs neither.
-        from pipeline.bundle_parser import bundle_parser
-
         shape = {"in_channels": self.in_channels, "num_classes": self.num_classes, "patch_size": list(patch)}
         parser = bundle_parser(self.bundle, "train", {**shape, **keys}, meta=False)
         return parser.get_parsed_content(entry)
 
     def bytes(self, patch: Sequence[int], batch: int, keys: dict) -> int:
-        import torch
-
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         signature = repr(sorted(keys.items()))
         if signature not in self.measured:
@@ -76,8 +72,6 @@ def time_step(network, patch: Sequence[int], batch: int, in_channels: int, repea
     """The fastest of ``repeats`` forward/backward/optimiser steps after a first one, which also builds
     the convolutions' kernels; another process taking a core for a moment slows one step, never
     speeds one up. Plain steps: ``measure_step``'s memory hooks would slow them."""
-    import torch
-
     parameter = next(network.parameters())
     x = torch.randn(batch, in_channels, *patch, device=parameter.device)
     if parameter.dim() == 5 and parameter.is_contiguous(memory_format=torch.channels_last_3d):
@@ -116,8 +110,6 @@ def measure_step(
     sampled every 2 ms). The network is trained in place for one step with a zero learning rate, so
     its weights are unchanged.
     """
-    import torch
-
     device = torch.device(device)
     network = network.to(device).train()
     x = torch.randn(batch, in_channels, *patch, device=device)
@@ -154,8 +146,6 @@ class _peak_memory:
         self.result = {"bytes": 0}
 
     def __enter__(self) -> dict:
-        import torch
-
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -175,8 +165,6 @@ class _peak_memory:
             self.samples.append(_rss())
 
     def __exit__(self, *exc) -> None:
-        import torch
-
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
         elif self.sampler is None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from pipeline.planning.fingerprint import Fingerprint
 from pipeline.training.distributed import data_loader_workers
@@ -45,8 +46,6 @@ class Device:
     @staticmethod
     def detect() -> Device:
         """This machine: the first GPU when there is one, else the CPU and its RAM."""
-        import torch
-
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if torch.cuda.is_available():
             return Device("cuda", torch.cuda.get_device_properties(0).total_memory, cores)
@@ -301,6 +300,18 @@ def batch_size(
     return min(batch, cap), why
 
 
+def sw_batch_size(batch: int) -> tuple[int, str]:
+    """Sliding windows per forward pass: the training's batch, whose memory the plan probed (a window
+    pass holds no gradients), and never one on a CPU.
+
+    Why: PyTorch convolves a single small input with its native kernels rather than oneDNN's (an input
+    of batch 1 whose first four sizes multiply to 20480 or less), so one window at a time took 0.18 s
+    where two took 0.06 s together (8-wide unet3d, 32x48x40, 2 cores): validation was a third of a
+    10-minute budget.
+    """
+    return max(batch, MIN_BATCH), "the training's batch (probed memory), at least 2: oneDNN's convolutions"
+
+
 def num_workers(device: Device) -> tuple[int, str]:
     """Data-loader workers: the training's own rule (``data_loader_workers``, whose docstring says why
     none on two cores), with the reason the plan's comment gives."""
@@ -317,6 +328,18 @@ def features(poolings: int, base: int = 32, cap: int = 320) -> list[int]:
     the parameters and memory for little accuracy.
     """
     return [min(base * 2**level, cap) for level in range(poolings + 1)]
+
+
+def vit_width(base: int) -> dict[str, int]:
+    """UNETR's widths for a base width (its decoder's ``feature_size``): a ViT of hidden size 48x that,
+    64 channels per attention head and an MLP 4x as wide, so 16 gives ViT-Base (768, 12 heads, 3072),
+    UNETR's own.
+
+    Why: the ViT holds most of UNETR's parameters, so narrowing the decoder alone would buy few steps
+    under a budget. Its twelve layers stay: UNETR's skip connections read layers 3, 6 and 9.
+    """
+    hidden = 48 * base
+    return {"feature_size": base, "hidden_size": hidden, "mlp_dim": 4 * hidden, "num_heads": hidden // 64}
 
 
 def samples_per_volume() -> tuple[int, str]:

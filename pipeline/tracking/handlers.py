@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from mlflow.entities import Metric, RunStatus
@@ -35,6 +36,7 @@ from mlflow.exceptions import MlflowException
 from monai.handlers import MLFlowHandler
 from monai.utils import flatten_dict
 
+from pipeline.postprocessing import channel_argmax
 from pipeline.tracking.safe import (
     case_label,
     dataset_root,
@@ -45,6 +47,7 @@ from pipeline.tracking.safe import (
 )
 from pipeline.tracking.store import TrackingUnavailable, run_folder_id
 from pipeline.training.checkpoints import SAVING_MID_EPOCH
+from pipeline.visualisation import save_overlay_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -391,10 +394,6 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def draw_example(example: Mapping[str, torch.Tensor], label_names: Mapping[int, str], png: Path) -> Path:
     """Image, ground truth and prediction of one validation case (in the network's space), from memory."""
-    import numpy as np
-
-    from pipeline.postprocessing import channel_argmax
-    from pipeline.visualisation import save_overlay_arrays
 
     def classes(volume: torch.Tensor) -> np.ndarray:  # one-hot channels or one channel of indices
         return np.asarray(channel_argmax(volume) if volume.shape[0] > 1 else volume[0])

@@ -11,6 +11,9 @@ from pathlib import Path, PurePath
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline.io.dicom import split_series_path
+from pipeline.io.readers import base_name
+
 REDACTED = "<redacted>"
 _UNSAFE_METRIC = re.compile(r"[^A-Za-z0-9_\-. :/]")  # what MLflow accepts in a metric name
 _UID = re.compile(r"^\d+(\.\d+)+$")  # a DICOM UID: digits and dots
@@ -41,9 +44,6 @@ def case_label(source: str | PurePath) -> str:
     """The name a case is shown under outside the machine: its outputs' ``base_name`` (the file name
     without its image extension; a ``folder#uid`` series, the folder and a hash of the UID), never a
     folder path; a series folder named by its UID gets a hash of it too."""
-    from pipeline.io.dicom import split_series_path
-    from pipeline.io.readers import base_name
-
     folder, uid = split_series_path(source)
     if uid:  # named so even where the folder is absent here, which base_name cannot tell
         return f"{case_label(folder.name)}_{short_hash(uid)}"

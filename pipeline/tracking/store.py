@@ -10,10 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
 from monai.utils import path_to_sqlite_uri
 
 from pipeline.io.atomic import atomic_write
 from pipeline.paths import PROJECT_ROOT, home, in_checkout, installed_version
+from pipeline.training.distributed import is_main_process
 
 # Fail fast instead of MLflow's minutes of retries when a tracking server is gone (a user's own
 # settings win); every tracking path imports this module first.
@@ -73,8 +75,6 @@ RUN_NAME_FILE = "mlflow_run_name.txt"
 def training_run_name(ckpt_dir: str | Path, prefix: str) -> str:
     """The run name of the training that writes to ``ckpt_dir``: stored beside its checkpoints on
     first use, so that running the same command again continues the same MLflow run."""
-    from pipeline.training.distributed import is_main_process
-
     return kept_text(Path(ckpt_dir) / RUN_NAME_FILE, lambda: new_run_name(prefix), write=is_main_process())
 
 
@@ -111,7 +111,6 @@ def check_reachable(uri: str) -> None:
     """Ask the server once, before any data is loaded, so a typo'd URI fails in seconds, not after caching."""
     if not uri.startswith(("http://", "https://")):
         return
-    from mlflow.tracking import MlflowClient
 
     try:
         MlflowClient(uri).search_experiments(max_results=1)

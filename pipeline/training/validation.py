@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ignite.engine import Engine, Events
 from monai.handlers import ValidationHandler as MonaiValidationHandler
+
+from pipeline.training.budget import TimeBudget
 
 
 class ValidationHandler(MonaiValidationHandler):
@@ -13,7 +17,13 @@ class ValidationHandler(MonaiValidationHandler):
     best validated epoch) could miss the final, best-trained network; a time budget that lowers
     ``max_epochs`` during the run makes that the rule rather than the exception. The last epoch is read
     from the trainer's live ``max_epochs`` when each epoch ends (attach it after the TimeBudget).
+    With a ``budget``, the interval widens so that validations keep to their share of it
+    (``TimeBudget.validation_interval``).
     """
+
+    def __init__(self, *args: Any, budget: TimeBudget | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.budget = budget
 
     def attach(self, engine: Engine) -> None:
         if not self.epoch_level:
@@ -24,4 +34,7 @@ class ValidationHandler(MonaiValidationHandler):
             engine.add_event_handler(Events.STARTED, self)
 
     def due(self, engine: Engine, epoch: int) -> bool:
-        return epoch % self.interval == 0 or epoch >= engine.state.max_epochs
+        interval = self.interval
+        if self.budget is not None:
+            interval = max(interval, self.budget.validation_interval(engine.state.max_epochs))
+        return epoch % interval == 0 or epoch >= engine.state.max_epochs

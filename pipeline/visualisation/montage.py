@@ -18,9 +18,11 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.patheffects import withStroke
 
+from pipeline.data.datalist import cases as datalist_cases
 from pipeline.data.layouts import listing
 from pipeline.io.dicom import is_series_path
 from pipeline.io.names import case_name
+from pipeline.io.readers import series_name_formatter
 from pipeline.visualisation.canvas import DPI, TEXT_LINE_IN, Canvas, legend_height_px, write_png
 from pipeline.visualisation.panels import (
     AXIAL,
@@ -193,8 +195,6 @@ def _grid(tiles: Sequence[Tile], columns: int, legend_entries: int, dpi: int) ->
 def prediction_name(image: str | Path) -> str:
     """The case name `medseg infer` gives an input's prediction (a DICOM series is named by its folder)."""
     if is_series_path(image):
-        from pipeline.io.readers import series_name_formatter  # MONAI import chain: only for DICOM
-
         subject = series_name_formatter({"filename_or_obj": str(image)}, None)["subject"]
         return Path(subject).stem
     return case_name(Path(image))
@@ -204,8 +204,6 @@ def datalist_montage_cases(
     datalist: str | Path, predictions: str | Path, split: str = "test"
 ) -> list[MontageCase]:
     """The cases of a datalist split with their predictions in ``predictions``; every missing one is named."""
-    from pipeline.data.datalist import cases as datalist_cases  # imports MONAI: only when a datalist is read
-
     entries = datalist_cases(datalist, role=split)
     if not entries:
         raise ValueError(f"datalist {datalist} has no {split} cases")

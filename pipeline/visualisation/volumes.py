@@ -13,12 +13,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from pipeline.io.dicom import find_series, is_series_path, read_series, split_series_path
 from pipeline.io.geometry import Grid, grid_mismatch
+from pipeline.io.readers import sitk_affine
 
 LABEL_DTYPE = np.int16  # float-stored label maps are rounded into this (class indices fit easily)
 
@@ -69,8 +71,6 @@ def as_ras(data: np.ndarray, affine: np.ndarray, source: str) -> RasVolume:
 def _read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Stored array (no dtype conversion) and affine of a NIfTI file or DICOM series folder."""
     if is_series_path(path):
-        from pipeline.io.readers import sitk_affine  # MONAI import chain: only for DICOM
-
         image = read_series(path)
         return sitk.GetArrayFromImage(image).T, sitk_affine(image)
     if not Path(path).is_file():
@@ -127,7 +127,6 @@ def dicom_modality(path: str | Path) -> str | None:
     """'CT' or 'MRI' from a DICOM series' Modality tag (None for NIfTI), so CT gets its HU window."""
     if not is_series_path(path):
         return None
-    import pydicom
 
     folder, uid = split_series_path(path)
     series = find_series(folder)
