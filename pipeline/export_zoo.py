@@ -114,6 +114,20 @@ def finish(bundle: Path, metadata: Mapping[str, Any], facts: Mapping[str, Any]) 
     return unscripted
 
 
+def without_deep_supervision(
+    config: Mapping[str, Any], bundle: Path, trained: torch.nn.Module
+) -> torch.nn.Module:
+    """DynUNet's deep-supervision heads only train, and TorchScript rejects their code: the same network
+    without them, holding the trained weights of the rest (its evaluation output is the same)."""
+    parser = ConfigParser(copy.deepcopy(dict(config)))
+    parser["bundle_root"] = str(bundle)
+    parser["network_def::deep_supervision"] = False
+    plain = parser.get_parsed_content("network_def")
+    heads = ("deep_supervision_heads.", "super_head.")  # the heads, and the skip layers' references to them
+    plain.load_state_dict({k: v for k, v in trained.state_dict().items() if not any(h in k for h in heads)})
+    return plain
+
+
 def write_torchscript(bundle: Path, config: Mapping[str, Any], metadata: Mapping[str, Any]) -> str | None:
     """``models/model.ts`` as the zoo's ``ckpt_export`` writes it (metadata and inference config
     inside); None when written, else why the network cannot be scripted. ``config`` names the
@@ -121,6 +135,8 @@ def write_torchscript(bundle: Path, config: Mapping[str, Any], metadata: Mapping
     parser = ConfigParser(copy.deepcopy(dict(config)))
     parser["bundle_root"] = str(bundle)
     network = load_network_weights(parser.get_parsed_content("network_def"), bundle / "models" / "model.pt")
+    if getattr(network, "deep_supervision", False):
+        network = without_deep_supervision(config, bundle, network)
     try:
         scripted = torch.jit.script(network.eval())
     except Exception as error:  # TorchScript rejects many Python constructs, each with its own type
