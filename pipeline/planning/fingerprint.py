@@ -225,7 +225,6 @@ def _stamp(entry: dict) -> list:
 
 def _loading(entries: Iterable[dict]) -> list:
     """DataAnalyzer's own loading steps, with the bundles' reader (NIfTI and DICOM series)."""
-
     keys = ["image", "label"]
     return [
         LoadImaged(keys=keys, reader=NiftiOrDicomReader, ensure_channel_first=True, image_only=True),

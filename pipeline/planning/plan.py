@@ -97,8 +97,7 @@ class Plan:
     def from_config(keys: dict[str, Any]) -> Plan:
         """The typed view of plan keys (a ``plan.yaml`` read back, or a config's resolved keys)."""
         known = {"spacing", "patch_size", "batch_size", "samples_per_volume", "sw_batch_size", "num_workers",
-                 "rotate90_axes",
-                 "rotate90_prob", "zscore_nonzero", "ct_clip", "ct_mean", "ct_std",
+                 "rotate90_axes", "rotate90_prob", "zscore_nonzero", "ct_clip", "ct_mean", "ct_std",
                  "time_budget_minutes"}  # fmt: skip
         missing = {"spacing", "patch_size", "batch_size"} - set(keys)
         if missing:
