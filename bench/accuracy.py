@@ -71,7 +71,7 @@ LEVERS: dict[str, dict[str, Any]] = {
         "weight_decay": 3.0e-5,
     },
     "batch-dice": {"loss::batch": True},  # Dice over the batch as one volume, as nnU-Net for 3D
-    "deep-supervision": {"deep_supervision": True},
+    "no-deep-supervision": {"deep_supervision": False},  # unet3d's default is on
     "fg-third": {"crop_foreground_ratio": 0.33},  # nnU-Net forces a third of the patches onto foreground
 }
 

@@ -287,10 +287,11 @@ def _copy_weights(checkpoint: Path, models: Path) -> None:
     """The weights, and the dataset facts inference reads beside them (labels, channels, modality)."""
     models.mkdir(parents=True)
     state = load_checkpoint(checkpoint)
-    if network_weights(state) is state:  # a bare state dict already: shipped as it is
+    weights = zoo.inference_weights(network_weights(state))
+    if weights.keys() == state.keys():  # a bare state dict of inference weights already: shipped as it is
         shutil.copyfile(checkpoint, models / "model.pt")
-    else:  # a self-describing model.pt: the zoo expects the bare state dict, the facts go beside it
-        save_atomic(dict(network_weights(state)), models / "model.pt")
+    else:  # the zoo expects the bare state dict of the inference network; the facts go beside it
+        save_atomic(weights, models / "model.pt")
     try:
         save_dataset_info(dataset_facts(checkpoint), models)
     except CheckpointError:

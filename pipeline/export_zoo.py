@@ -71,6 +71,12 @@ NO_WEIGHTS = (
     "# download address and md5 here (the model zoo keeps weights out of git and downloads them).\n"
 )
 WITH_WEIGHTS = "# The weights are in models/; the model zoo keeps them out of git: publish them, set url.\n"
+# Keys that only shape training, set as inference needs them in the exported inference and evaluation:
+# DynUNet's deep-supervision heads add training losses, and TorchScript (the zoo's ckpt_export) rejects
+# their code. Evaluation-mode output is the same without them.
+TRAINING_ONLY = {"deep_supervision": False}
+# The heads' weights, and the skip layers' references to them, which a network without heads lacks.
+TRAINING_ONLY_WEIGHTS = ("deep_supervision_heads.", "super_head.")
 
 
 def trained_facts(checkpoint: str | Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -96,6 +102,7 @@ def bake_trained_facts(configs: Path, facts: Mapping[str, Any], keys: Mapping[st
             parser[key] = copy.deepcopy(value)  # ``network_def::filters`` ids set the nested key
         if workflow in PORTABLE:
             parser["dataset_info"] = dict(facts)
+            parser.update({key: value for key, value in TRAINING_ONLY.items() if key in parser})
         path.write_text(json.dumps(parser.get(), indent=4) + "\n")
 
 
@@ -114,18 +121,9 @@ def finish(bundle: Path, metadata: Mapping[str, Any], facts: Mapping[str, Any]) 
     return unscripted
 
 
-def without_deep_supervision(
-    config: Mapping[str, Any], bundle: Path, trained: torch.nn.Module
-) -> torch.nn.Module:
-    """DynUNet's deep-supervision heads only train, and TorchScript rejects their code: the same network
-    without them, holding the trained weights of the rest (its evaluation output is the same)."""
-    parser = ConfigParser(copy.deepcopy(dict(config)))
-    parser["bundle_root"] = str(bundle)
-    parser["network_def::deep_supervision"] = False
-    plain = parser.get_parsed_content("network_def")
-    heads = ("deep_supervision_heads.", "super_head.")  # the heads, and the skip layers' references to them
-    plain.load_state_dict({k: v for k, v in trained.state_dict().items() if not any(h in k for h in heads)})
-    return plain
+def inference_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights the exported inference network holds: all but those of training-only parts."""
+    return {k: v for k, v in state.items() if not any(part in k for part in TRAINING_ONLY_WEIGHTS)}
 
 
 def write_torchscript(bundle: Path, config: Mapping[str, Any], metadata: Mapping[str, Any]) -> str | None:
@@ -135,8 +133,6 @@ def write_torchscript(bundle: Path, config: Mapping[str, Any], metadata: Mapping
     parser = ConfigParser(copy.deepcopy(dict(config)))
     parser["bundle_root"] = str(bundle)
     network = load_network_weights(parser.get_parsed_content("network_def"), bundle / "models" / "model.pt")
-    if getattr(network, "deep_supervision", False):
-        network = without_deep_supervision(config, bundle, network)
     try:
         scripted = torch.jit.script(network.eval())
     except Exception as error:  # TorchScript rejects many Python constructs, each with its own type

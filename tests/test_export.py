@@ -24,7 +24,7 @@ from pipeline.export import (
     export_bundle,
     rewrite_commands,
 )
-from pipeline.export_zoo import DEFAULT_FACTS, PORTABLE, to_scripts
+from pipeline.export_zoo import DEFAULT_FACTS, PORTABLE, TRAINING_ONLY, to_scripts
 from pipeline.io.checkpoint import CheckpointError, load_checkpoint, network_weights
 from pipeline.workflows import (
     COMMON_DIR,
@@ -61,8 +61,9 @@ def test_exported_configs_are_the_repository_composition(bundle: str, tmp_path: 
     assert {p.name for p in configs.iterdir()} == expected
     for workflow in MERGED:
         composed = ConfigParser.load_config_files(config_files(bundle, workflow))
-        if workflow in PORTABLE:  # run from scripts/, with the dataset facts inline (export_zoo)
-            composed = to_scripts({**composed, "dataset_info": DEFAULT_FACTS})
+        if workflow in PORTABLE:  # run from scripts/, dataset facts inline, inference values (export_zoo)
+            training_only = {key: value for key, value in TRAINING_ONLY.items() if key in composed}
+            composed = to_scripts({**composed, "dataset_info": DEFAULT_FACTS, **training_only})
         assert load(configs / f"{workflow}.json") == composed
     # Multi-GPU ships as overrides only, and `['train.json','multi_gpu_train.json']` composes as here.
     assert load(configs / "multi_gpu_train.json") == ConfigParser.load_config_file(
@@ -160,7 +161,11 @@ def test_exported_inference_runs_as_a_model_zoo_user_runs_it(
 ) -> None:
     bundle = export_bundle(BUNDLE, tmp_path / "bundle", checkpoint)
     shipped, trained = load_checkpoint(bundle / "models" / "model.pt"), load_checkpoint(checkpoint)
-    assert shipped.keys() == network_weights(trained).keys(), "a bare state dict, as the model zoo's"
+    weights = network_weights(trained)
+    assert any(key.startswith("deep_supervision_heads.") for key in weights), "trained with deep supervision"
+    assert shipped.keys() < weights.keys(), "a bare state dict, as the model zoo's, without training heads"
+    assert not any("deep_supervision_heads." in key for key in shipped)
+    assert all(torch.equal(shipped[key], weights[key]) for key in shipped)
     assert load(bundle / "models" / "dataset.json")["labels"]["2"] == "core"
     images = [c["image"] for c in cases(phantom_datalist, role="test")]
     command = [
