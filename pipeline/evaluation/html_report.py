@@ -2,10 +2,11 @@
 
 Every picture is a PNG embedded as a ``data:`` URI and the style is inline: no script, no stylesheet,
 no file beside it. The page holds the summary (mean, median, standard deviation per class and
-metric, for each variant side by side), the per-case tables, a box plot per metric, and overlays of
-the best, median and worst cases by mean Dice (ground truth above prediction, drawn by
-``pipeline.visualisation.save_overlay``). Figures use a bare matplotlib ``Figure`` (no pyplot), so
-drawing from an engine handler touches no global state.
+metric, for each variant side by side), the per-case tables, a box plot per metric (pixel and Rand
+error too in a 2D evaluation: ``metrics.PLANAR_METRICS``), and overlays of the best, median and worst
+cases by mean Dice (ground truth above prediction, drawn by ``pipeline.visualisation.save_overlay``).
+Figures use a bare matplotlib ``Figure`` (no pyplot), so drawing from an engine handler touches no
+global state.
 """
 
 from __future__ import annotations
@@ -21,14 +22,27 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from pipeline.evaluation.metrics import METRICS
-from pipeline.evaluation.report import CaseResult, case_columns, case_row, variant_title
+from pipeline.evaluation.report import (
+    CaseResult,
+    case_columns,
+    case_row,
+    document_metrics,
+    variant_metrics,
+    variant_title,
+)
 from pipeline.io.atomic import atomic_write
 from pipeline.visualisation import save_overlay
 
 logger = logging.getLogger(__name__)
 
-METRIC_TITLES = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (mm)", "asd": "ASD (mm)"}
+METRIC_TITLES = {
+    "dice": "Dice",
+    "iou": "IoU",
+    "hd95": "HD95 (mm)",
+    "asd": "ASD (mm)",
+    "pixel_error": "pixel error",
+    "rand_error": "Rand error",
+}
 VARIANT_COLOURS = ("#4363d8", "#f58231", "#3cb44b", "#911eb4")
 UNAVAILABLE = '<p class="note">overlay unavailable (image not a NIfTI file, or prediction not saved)</p>'
 STYLE = (
@@ -54,9 +68,10 @@ def box_plot_png(document: Mapping, label_names: Mapping[int, str]) -> bytes:
     every case drawn as a dot: a box of three cases hides more than it shows."""
     variants = list(document["variants"])
     names = [n for i, n in sorted(label_names.items()) if int(i) > 0]
-    fig = Figure(figsize=(4.2 * len(METRICS), 3.8), layout="constrained")
+    metrics = document_metrics(document)
+    fig = Figure(figsize=(4.2 * len(metrics), 3.8), layout="constrained")
     width = 0.8 / len(variants)
-    for ax, metric in zip(fig.subplots(1, len(METRICS), squeeze=False)[0], METRICS, strict=True):
+    for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics, strict=True):
         for v, variant in enumerate(variants):
             cases = document["variants"][variant]["cases"]
             data = [[case[name][metric] for case in cases if name in case] for name in names]
@@ -131,14 +146,15 @@ def summary_html(document: Mapping) -> str:
             for s in ("mean", "median", "std")
         ]
         for name in first
-        for metric in METRICS
+        for metric in document_metrics(document)
     ]
     return table_html(header, rows)
 
 
 def cases_html(results: Sequence[CaseResult], variant: str, label_names: Mapping[int, str]) -> str:
-    columns = case_columns(label_names, sorted(results[0].scores[variant]))
-    rows = [case_row(r.case, r.scores[variant], label_names) for r in results]
+    metrics = variant_metrics(results, variant)
+    columns = case_columns(label_names, sorted(results[0].scores[variant]), metrics)
+    rows = [case_row(r.case, r.scores[variant], label_names, metrics) for r in results]
     return table_html(columns, [[row[c] for c in columns] for row in rows])
 
 
@@ -177,6 +193,7 @@ def write_report(
     sections = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{len(results)} cases. Distances in mm, volumes in ml. {html.escape(document['empty_rule'])}</p>",
+        *([f"<p>{html.escape(document['planar_rule'])}</p>"] if "planar_rule" in document else []),
         settings_html(document["postprocessing"]),
         "<h2>Summary</h2>",
         summary_html(document),

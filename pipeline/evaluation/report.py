@@ -18,7 +18,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.evaluation.metrics import EMPTY_RULE, METRICS, VOLUMES, ClassScores, class_means, summarise
+from pipeline.evaluation.metrics import (
+    EMPTY_RULE,
+    METRICS,
+    PLANAR_METRICS,
+    PLANAR_RULE,
+    VOLUMES,
+    ClassScores,
+    class_means,
+    scored_metrics,
+    summarise,
+)
 from pipeline.io.atomic import atomic_write
 from pipeline.tracking.safe import case_label, metric_name
 
@@ -62,25 +72,38 @@ def case_table_name(variant: str, variants: Sequence[str]) -> str:
     return CASE_TABLE if variant == variants[0] else f"per_case_{variant}.csv"
 
 
-def case_columns(label_names: Mapping[int, str], classes: Sequence[int]) -> list[str]:
+def case_columns(
+    label_names: Mapping[int, str], classes: Sequence[int], metrics: Sequence[str] = METRICS
+) -> list[str]:
+    """``metrics``: those of every case of the table (``variant_metrics``), so all rows fit it."""
     names = [label_names[c] for c in classes]
     columns = ["case"]
-    for metric in METRICS:
+    for metric in metrics:
         columns += [f"{metric}_{name}" for name in names] + [f"{metric}_mean"]
     for volume in VOLUMES:
         columns += [f"{volume}_{name}" for name in names]
     return columns
 
 
-def case_row(case: str, scores: Mapping[int, ClassScores], label_names: Mapping[int, str]) -> dict:
+def case_row(
+    case: str,
+    scores: Mapping[int, ClassScores],
+    label_names: Mapping[int, str],
+    metrics: Sequence[str] = METRICS,
+) -> dict:
     row: dict[str, str | float] = {"case": case}
-    means = class_means(scores)
-    for metric in METRICS:
+    means = class_means(scores, metrics)
+    for metric in metrics:
         row |= {f"{metric}_{label_names[c]}": significant(getattr(s, metric)) for c, s in scores.items()}
         row[f"{metric}_mean"] = significant(means[metric])
     for volume in VOLUMES:
         row |= {f"{volume}_{label_names[c]}": significant(getattr(s, volume)) for c, s in scores.items()}
     return row
+
+
+def variant_metrics(results: Sequence[CaseResult], variant: str) -> tuple[str, ...]:
+    """The metrics of a variant's table: the planar ones only when every case is 2D."""
+    return scored_metrics(r.scores[variant] for r in results)
 
 
 def significant(value: float) -> float:
@@ -93,9 +116,10 @@ def write_case_table(
 ) -> Path:
     classes = sorted(results[0].scores[variant]) if results else []
     text = io.StringIO()
-    writer = csv.DictWriter(text, case_columns(label_names, classes), lineterminator="\n")
+    metrics = variant_metrics(results, variant)
+    writer = csv.DictWriter(text, case_columns(label_names, classes, metrics), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(case_row(r.case, r.scores[variant], label_names) for r in results)
+    writer.writerows(case_row(r.case, r.scores[variant], label_names, metrics) for r in results)
     with atomic_write(path) as handle:
         handle.write(text.getvalue().encode())
     return path
@@ -107,11 +131,13 @@ def summary_document(
     label_names: Mapping[int, str],
     postprocessing: Mapping | None,
 ) -> dict:
-    """``metrics.json``: the rule, the settings, and per variant the summary and every case."""
+    """``metrics.json``: the rules, the settings, and per variant the summary and every case."""
+    planar = any(m in PLANAR_METRICS for v in variants[:1] for m in variant_metrics(results, v))
     document: dict = {
         "labels": {str(i): n for i, n in sorted(label_names.items()) if int(i) > 0},
         "units": {"hd95": "mm", "asd": "mm", "pred_ml": "ml", "gt_ml": "ml"},
         "empty_rule": EMPTY_RULE,
+        **({"planar_rule": PLANAR_RULE} if planar else {}),
         "std": "sample standard deviation over the cases (0 for one case)",
         "postprocessing": dict(postprocessing) if postprocessing is not None else None,
         "primary": variants[0] if variants else None,
@@ -144,15 +170,33 @@ def read_summary(output_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def document_metrics(document: Mapping) -> list[str]:
+    """The metrics ``metrics.json`` summarises (the planar ones for a 2D evaluation)."""
+    first = next(iter(document["variants"].values()))["summary"]
+    return list(first["mean"]) if first else list(METRICS)
+
+
+TERMINAL_COLUMNS = {  # metric: heading, width, format
+    "dice": ("Dice", 7, ".4f"),
+    "iou": ("IoU", 7, ".4f"),
+    "hd95": ("HD95 mm", 9, ".2f"),
+    "asd": ("ASD mm", 8, ".2f"),
+    "pixel_error": ("Pixel err", 9, ".4f"),
+    "rand_error": ("Rand err", 8, ".4f"),
+}
+
+
 def summary_lines(document: Mapping) -> list[str]:
     """The means per class and metric of every variant, as lines for a terminal."""
+    columns = {m: TERMINAL_COLUMNS[m] for m in document_metrics(document)}
+    heading = "".join(f" {title:>{width}}" for title, width, _ in columns.values())
     lines = []
     for variant, content in document["variants"].items():
         lines.append(f"{variant_title(variant)}: mean over {len(content['cases'])} cases")
-        lines.append(f"  {'class':<20} {'Dice':>7} {'IoU':>7} {'HD95 mm':>9} {'ASD mm':>8}")
+        lines.append(f"  {'class':<20}{heading}")
         for name, stats in content["summary"].items():
-            dice, iou, hd95, asd = (stats[m]["mean"] for m in METRICS)
-            lines.append(f"  {name:<20} {dice:>7.4f} {iou:>7.4f} {hd95:>9.2f} {asd:>8.2f}")
+            cells = (f" {stats[m]['mean']:>{width}{form}}" for m, (_, width, form) in columns.items())
+            lines.append(f"  {name:<20}" + "".join(cells))
     return lines
 
 
