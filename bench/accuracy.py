@@ -326,9 +326,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--bundles", nargs="+", choices=available_bundles(), help="default: all (quick: unet3d)"
-    )
+    bundles = "default: all (quick: unet3d); none: MNI arms only"
+    parser.add_argument("--bundles", nargs="*", choices=available_bundles(), help=bundles)
     parser.add_argument("--mni-bundles", nargs="*", choices=available_bundles(), help="default: unet3d")
     parser.add_argument("--minutes", type=float, help="training budget per arm (default 10; quick 0.2)")
     parser.add_argument("--quick", action="store_true", help="6 cases, tiny networks, 0.2 min: a smoke test")
@@ -344,7 +343,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="default bench/accuracy.json (quick: accuracy_quick.json)")
     args = parser.parse_args(argv)
     quick = args.quick
-    args.bundles = args.bundles or (["unet3d"] if quick else available_bundles())
+    if args.bundles is None:  # `--bundles` with none named: only the MNI arms
+        args.bundles = ["unet3d"] if quick else available_bundles()
     args.mni_bundles = ([] if quick else ["unet3d"]) if args.mni_bundles is None else args.mni_bundles
     args.minutes = args.minutes or (0.2 if quick else 10.0)
     args.test_cases = args.test_cases or (2 if quick else 40)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.accuracy import SPLIT_FILE, arms_to_run, hippocampus_split, parse_args, split_names, write_split
+from pipeline.workflows import available_bundles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +58,15 @@ def test_absent_mni_data_is_skipped_and_said(shared_data: Path, tmp_path: Path) 
     ]
     assert "prepare_mni_brain.py" in results["mni_skipped"]
     assert arms[0].overrides == {}  # the command: no argument beyond --minutes
+
+
+def test_bundles_named_none_run_only_the_mni_arms_with_their_levers(tmp_path: Path) -> None:
+    mni = tmp_path / "datalist.json"
+    argv = ["--bundles", "--mni-bundles", "unet3d", "--arms", "planned", "--levers", "no-deep-supervision"]
+    args = parse_args([*argv, "--work", str(tmp_path), "--mni-data", str(mni)])
+    assert args.bundles == [] and args.levers == ["no-deep-supervision"]
+    assert arms_to_run(args, tmp_path / SPLIT_FILE, {}) == [], "no MNI datalist here, no hippocampus bundle"
+    assert parse_args(["--work", str(tmp_path)]).bundles == available_bundles()
 
 
 @pytest.mark.long  # two real trainings and evaluations in their own processes: about 2.5 minutes
