@@ -132,7 +132,7 @@ def summary_document(
     postprocessing: Mapping | None,
 ) -> dict:
     """``metrics.json``: the rules, the settings, and per variant the summary and every case."""
-    planar = any(m in PLANAR_METRICS for v in variants[:1] for m in variant_metrics(results, v))
+    planar = bool(variants) and bool(set(PLANAR_METRICS) & set(variant_metrics(results, variants[0])))
     document: dict = {
         "labels": {str(i): n for i, n in sorted(label_names.items()) if int(i) > 0},
         "units": {"hd95": "mm", "asd": "mm", "pred_ml": "ml", "gt_ml": "ml"},

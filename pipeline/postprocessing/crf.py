@@ -197,11 +197,12 @@ class CRFRefined(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         image = convert_to_tensor(d[self.image_key], track_meta=False)
+        features = standardised(image) / (math.sqrt(2) * self.kernels.intensity_sigma)  # once for every key
         for key in self.key_iterator(d):
             probs = convert_to_tensor(d[key], track_meta=False)  # MetaTensor's per-op bookkeeping is slow
             if image.shape[1:] != probs.shape[1:]:
                 raise ValueError(f"{key} {tuple(probs.shape)} is not on the grid of {tuple(image.shape)}")
-            features = standardised(image.to(probs.device)) / (math.sqrt(2) * self.kernels.intensity_sigma)
+            features = features.to(probs.device)
             refined = mean_field(probs, features, self.kernels, self.iterations)
             d[key] = convert_to_dst_type(refined, d[key], dtype=torch.float32)[0]
         return d
