@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 TORCH_SPEC := $(VENV)/.torch-spec
 
-.PHONY: setup demo test test-long lint bench bench-accuracy mlflow-ui clean distclean FORCE
+.PHONY: setup demo test test-long lint bench bench-accuracy bench-isbi mlflow-ui clean distclean FORCE
 
 setup: $(INSTALLED)
 
@@ -42,6 +42,9 @@ bench: setup
 # Held-out Dice per bundle, planned against its defaults, 10 minutes a training (hours); never in `make test`.
 bench-accuracy: setup
 	$(BIN)/python -m bench.accuracy $(BENCH_ACCURACY_ARGS)
+
+bench-isbi: setup
+	$(BIN)/python -m bench.isbi $(BENCH_ISBI_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -43,8 +43,9 @@ from pipeline.data.datalist import cases, read_json
 from pipeline.data.mni_brain import datalist_is_valid
 from pipeline.io.atomic import atomic_write
 from pipeline.io.checkpoint import load_checkpoint
+from pipeline.paths import volume_bundles
 from pipeline.planning.plan import NETWORK_KEYS, PLAN_FILE
-from pipeline.workflows import available_bundles, workflow_setting
+from pipeline.workflows import workflow_setting
 
 ROOT = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS = ROOT.parent / "shared" / "data" / "msd_hippocampus" / "dataset.json"
@@ -327,8 +328,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     bundles = "default: all (quick: unet3d); none: MNI arms only"
-    parser.add_argument("--bundles", nargs="*", choices=available_bundles(), help=bundles)
-    parser.add_argument("--mni-bundles", nargs="*", choices=available_bundles(), help="default: unet3d")
+    parser.add_argument("--bundles", nargs="*", choices=volume_bundles(), help=bundles)
+    parser.add_argument("--mni-bundles", nargs="*", choices=volume_bundles(), help="default: unet3d")
     parser.add_argument("--minutes", type=float, help="training budget per arm (default 10; quick 0.2)")
     parser.add_argument("--quick", action="store_true", help="6 cases, tiny networks, 0.2 min: a smoke test")
     parser.add_argument("--fresh", action="store_true", help="redo the chosen bundles' finished arms")
@@ -344,7 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     if args.bundles is None:  # `--bundles` with none named: only the MNI arms
-        args.bundles = ["unet3d"] if quick else available_bundles()
+        args.bundles = ["unet3d"] if quick else volume_bundles()
     args.mni_bundles = ([] if quick else ["unet3d"]) if args.mni_bundles is None else args.mni_bundles
     args.minutes = args.minutes or (0.2 if quick else 10.0)
     args.test_cases = args.test_cases or (2 if quick else 40)

@@ -24,11 +24,12 @@ import torch
 
 from bench import baseline, machine, ours
 from bench.isolated import in_fresh_process
+from bench.large_image import large_image
 from bench.measure import dice, segmentation_of, training_seconds, window_flops
 from bench.scaling import scaling
 from bench.volumes import write_case, write_datalist
 from pipeline.data.datalist import cases
-from pipeline.workflows import available_bundles
+from pipeline.paths import volume_bundles
 
 BENCH_DIR = Path(__file__).resolve().parent
 DATA_DIR = BENCH_DIR.parent / "data" / "cache" / "bench"  # git-ignored; volumes are reused between runs
@@ -216,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--bundles", nargs="+", default=available_bundles(), choices=available_bundles())
+    parser.add_argument("--bundles", nargs="+", default=volume_bundles(), choices=volume_bundles())
     parser.add_argument("--quick", action="store_true", help="tiny volume and networks: a smoke test")
     parser.add_argument("--sample-calls", type=int, default=1, help="batches of windows timed for real")
     parser.add_argument("--train-seconds", type=float, default=8.0, help="time per training figure")
@@ -232,6 +233,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    parser.add_argument(
+        "--large-image", type=int, help="side of the 2D overlap-tile image (default 4096; 0: none)"
+    )
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else FULL
     args.volume = (*mode["volume"][:2], args.slices or mode["volume"][2])
@@ -260,6 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
         chosen = "resunet" if "resunet" in args.bundles else args.bundles[0]
         checkpoint = args.work / chosen / "models" / "model.pt"
         results["scaling"] = scaling(chosen, args, bundle_overrides(chosen, args.quick), checkpoint)
+    side = args.large_image if args.large_image is not None else (512 if args.quick else 4096)
+    if side:
+        results["large_image"] = large_image(side, args.sample_calls, args.data_dir)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     return results

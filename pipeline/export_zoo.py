@@ -262,7 +262,8 @@ def zoo_metadata(
         numpy_version=np.__version__,
         required_packages_version=dict(packages),
         description=f"{metadata.get('description', '')} {TRAINING_NEEDS.format(_own_version())}".strip(),
-        task=f"3D segmentation of {', '.join(list(labels.values())[1:])} in {modality} volumes",
+        task=f"{len(patch_size)}D segmentation of {', '.join(list(labels.values())[1:])} in {modality} "
+        + ("volumes" if len(patch_size) == 3 else "images"),
         data_source=f"dataset {facts.get('name', 'unnamed')}",
         image_classes=f"{len(channels)} channel(s): {', '.join(channels.values())}",
         label_classes=", ".join(f"{index} {name}" for index, name in labels.items()),

@@ -27,6 +27,9 @@ WORKFLOW_FILES: dict[str, tuple[str, ...]] = {
     "evaluate": ("base.yaml", "inference.yaml", "evaluate.yaml"),
 }
 MODEL_FILE = "configs/model.yaml"
+# Bundles whose network is 2D whatever the data: they segment 2D images (the others follow the data's
+# dimension, through the `spatial_dims` key a plan sets).
+PLANAR_BUNDLES = ("unet2d",)
 METADATA_FILE = "configs/metadata.json"
 SHARED_METADATA_FILE = "configs/common_metadata.json"  # -> ../../common/metadata.json
 
@@ -52,6 +55,11 @@ TRACKING_FILE = COMMON_DIR / "tracking.yaml"  # the full MLflow record (MONAI's 
 
 def available_bundles() -> list[str]:
     return sorted(p.parent.parent.name for p in BUNDLES_DIR.glob(f"*/{MODEL_FILE}"))
+
+
+def volume_bundles() -> list[str]:
+    """The bundles that segment 3D volumes: all but ``PLANAR_BUNDLES``."""
+    return [name for name in available_bundles() if name not in PLANAR_BUNDLES]
 
 
 def bundle_dir(name: str) -> Path:

@@ -13,6 +13,8 @@ from monai.data.utils import to_affine_nd
 from monai.transforms import MapTransform, NormalizeIntensityd, ScaleIntensityRanged
 from monai.utils import TraceKeys
 
+from pipeline.data.datalist import MASK_WHITE
+
 CT_MODALITIES = ("CT",)
 
 
@@ -95,6 +97,61 @@ class ClipZScored(MapTransform):
                 else out
             )
         return result
+
+
+def with_slice_axis(patch: Sequence[int], slice_axis: int | None) -> list[int]:
+    """The crop of a volume for a 2D network's ``patch``: one voxel across ``slice_axis``, the patch
+    in the slices' plane; the patch itself when the data's dimension is the network's."""
+    patch = [int(size) for size in patch]
+    if slice_axis is None:
+        return patch
+    if len(patch) != 2:
+        raise ValueError(f"slice_axis {slice_axis} needs a 2D patch_size, not {patch}")
+    return [*patch[:slice_axis], 1, *patch[slice_axis:]]
+
+
+class LabelValuesd(MapTransform):
+    """Label pixel values -> class indices: ``mapping`` (the datalist's ``label_values``) when given;
+    without one, a two-class label stored as {0, 255} is read as {0, 1}, and any other label as it is.
+
+    Why here and not in the reader: LoadImaged has one reader for image and label, and an image's
+    255 is an intensity. Unmapped values of a ``mapping`` are an error naming the file, never
+    background in silence.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str] | str,
+        mapping: Mapping[int | str, int] | None = None,
+        num_classes: int = 2,
+        allow_missing_keys: bool = True,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mapping = {int(value): int(index) for value, index in (mapping or {}).items()}
+        self.num_classes = num_classes
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.map(d[key])
+        return d
+
+    def map(self, label: torch.Tensor) -> torch.Tensor:
+        values = {int(v) for v in torch.unique(torch.as_tensor(label))}
+        if not self.mapping:
+            binary = self.num_classes == 2 and MASK_WHITE in values and values <= {0, MASK_WHITE}
+            return label / MASK_WHITE if binary else label
+        unmapped = sorted(values - self.mapping.keys())
+        if unmapped:
+            source = getattr(label, "meta", {}).get("filename_or_obj", "a label")
+            raise ValueError(
+                f"{source} holds the values {unmapped[:10]}, which the datalist's label_values "
+                f"{self.mapping} do not map to a class"
+            )
+        mapped = torch.zeros_like(torch.as_tensor(label))
+        for value, index in self.mapping.items():
+            mapped[label == value] = index
+        return mapped
 
 
 def is_nonzero(image: torch.Tensor) -> torch.Tensor:

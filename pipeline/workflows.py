@@ -22,10 +22,12 @@ from monai.bundle import run as run_bundle_config
 
 from pipeline.bundle_parser import bundle_parser
 from pipeline.data.check import check_image, require_valid
+from pipeline.data.datalist import cases as datalist_cases
 from pipeline.inference.batch import CaseFailures, Failure, cases_to_segment
 from pipeline.io.atomic import DiskFullError
 from pipeline.io.checkpoint import CheckpointError, load_network_weights, with_training_config
 from pipeline.io.dicom import SERIES_SEPARATOR, split_series_path
+from pipeline.io.inspect import spatial_dims
 from pipeline.paths import (  # noqa: F401  (re-exported: callers import the bundle locations from here)
     BUNDLES_DIR,
     COMMON_DIR,
@@ -53,14 +55,46 @@ def require_valid_data(datalist: str | Path, roles: tuple[str, ...], overrides: 
     require_valid(datalist, overrides.get("dataset_dir"), roles, val_fold=int(overrides.get("val_fold", 0)))
 
 
-def usable_inputs(cases: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[Failure]]:
-    """The cases that pass the image checks, and the refused ones, each logged with its reason once."""
+def network_dims(name: str, workflow: str, overrides: Mapping[str, Any]) -> tuple[int, bool]:
+    """The network's spatial dimension, and whether it runs slice-wise on volumes (``slice_axis``)."""
+    dims = int(workflow_setting(name, workflow, "spatial_dims", overrides))
+    return dims, workflow_setting(name, workflow, "slice_axis", overrides) is not None
+
+
+def dimension_problem(path: str | Path, network: tuple[int, bool]) -> str | None:
+    """Why the network cannot take this image, in words, rather than failing inside MONAI's
+    transforms; None when it can (a volume for a 2D network that runs slice-wise)."""
+    data, (dims, slice_wise) = spatial_dims(path), network
+    if data == dims or (data == 3 and dims == 2 and slice_wise):
+        return None
+    if data == 2:
+        return "is a 2D image and the network is set up in 3D (spatial_dims=2 sets it up in 2D)"
+    return "is a volume and the network is 2D (slice_axis=0, 1 or 2 runs it slice by slice)"
+
+
+def require_network_fits_data(name: str, datalist: str | Path, overrides: Mapping[str, Any]) -> None:
+    """2D images for a network set up in 3D, or volumes for a 2D one, are refused before training
+    (the plan sets ``spatial_dims`` and ``slice_axis`` itself unless --no-plan)."""
+    image = datalist_cases(datalist, overrides.get("dataset_dir"), role="train")[0]["image"]
+    first = image if isinstance(image, (str, Path)) else image[0]
+    problem = dimension_problem(first, network_dims(name, "train", overrides))
+    if problem:
+        raise ValueError(f"{first} {problem}, or let the plan choose (no --no-plan)")
+
+
+def usable_inputs(
+    cases: Sequence[Mapping[str, Any]], network: tuple[int, bool]
+) -> tuple[list[Mapping[str, Any]], list[Failure]]:
+    """The cases that pass the image checks and fit the network's dimension, and the refused ones,
+    each logged with its reason once."""
     usable, refused = [], []
     for case in cases:
-        errors = [f for f in check_image(case["image"]) if f.severity == "error"]
-        if errors:
-            logger.error("skipping %s", errors[0])
-            refused.append(Failure(str(case["image"]), errors[0].problem))
+        errors = [f.problem for f in check_image(case["image"]) if f.severity == "error"]
+        first = case["image"] if isinstance(case["image"], (str, Path)) else case["image"][0]
+        problem = errors[0] if errors else dimension_problem(first, network)
+        if problem:
+            logger.error("skipping %s: %s", case["image"], problem)
+            refused.append(Failure(str(case["image"]), problem))
         else:
             usable.append(case)
     return usable, refused
@@ -214,12 +248,14 @@ def train(
     ckpt_dir = output_dir / "models"
     preflight_tracking(overrides, tracking)  # a server that is down stops the run before it plans
     planned = run_folder_plan(
-        name, datalist, output_dir, overrides.get("dataset_dir"), minutes, plan, ckpt_dir / LATEST_FILE
-    )
+        name, datalist, output_dir, overrides.get("dataset_dir"), minutes, plan, ckpt_dir / LATEST_FILE,
+        overrides.get("spatial_dims"),
+    )  # fmt: skip
     # The plan's keys go in beneath the user's, as the last config layer would (a file from the run
     # folder in the --config_file list would make MONAI warn that the configs span two folders).
     plan_keys = ConfigParser.load_config_file(str(planned)) if planned else {}
     overrides = {**plan_keys, **patch_followers(planned, overrides), **overrides}
+    require_network_fits_data(name, datalist, overrides)
     settings: dict[str, Any] = {
         "datalist": str(Path(datalist).resolve()),
         "output_dir": str(output_dir),
@@ -270,7 +306,7 @@ def infer(
         return output_dir
     require_fitting_checkpoint(name, checkpoint, overrides)
     overrides = with_training_config(checkpoint, overrides)  # the network and preprocessing trained
-    usable, refused = usable_inputs(pending)
+    usable, refused = usable_inputs(pending, network_dims(name, "inference", overrides))
     settings = {
         "input": [absolute(case["image"]) for case in usable],
         "case_names": [case["case_name"] for case in usable],  # the whole batch's names, not the rest's

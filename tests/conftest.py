@@ -8,6 +8,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
+
+from pipeline.paths import PLANAR_BUNDLES
 
 # Bundle settings that shrink inputs and networks so a CPU trains every bundle in seconds.
 SMALL_INPUTS = {"patch_size": [32, 32, 32], "spacing": [2.0, 2.0, 2.0], "num_workers": 0, "sw_batch_size": 2}
@@ -17,11 +20,14 @@ TINY_NETWORKS = {
     "attention_unet": {"channels": [4, 8, 16, 32, 64]},
     "unetr": {"feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4},
     "multiresunet": {"features": [4, 8, 16, 32, 64]},
+    "unet2d": {"features": [4, 8, 16, 32, 64]},
 }
+PLANAR_INPUTS = {"patch_size": [32, 32], "spacing": [1.0, 1.0], "num_workers": 0, "sw_batch_size": 2}
 
 
 def tiny(bundle: str) -> dict:
-    return {**SMALL_INPUTS, **TINY_NETWORKS[bundle]}
+    inputs = PLANAR_INPUTS if bundle in PLANAR_BUNDLES else SMALL_INPUTS
+    return {**inputs, **TINY_NETWORKS[bundle]}
 
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -71,6 +77,52 @@ def write_dataset(root: Path, num_cases: int = 4, shape: tuple[int, int, int] = 
     path = root / "datalist.json"
     path.write_text(json.dumps(datalist, indent=2))
     return path
+
+
+def planar_phantom(shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A micrograph-like 2D image (rows, columns): bright discs ("cells", mask 255) on a dark
+    background with noise, as 8-bit pixels."""
+    rows, columns = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
+    mask = np.zeros(shape, np.uint8)
+    for _ in range(3):
+        centre, radius = rng.uniform(8, np.array(shape) - 8), rng.uniform(4, 8)
+        mask[(rows - centre[0]) ** 2 + (columns - centre[1]) ** 2 < radius**2] = 255
+    image = np.clip(60 + 0.6 * mask + rng.normal(0, 12, size=shape), 0, 255).astype(np.uint8)
+    return image, mask
+
+
+def write_planar_dataset(root: Path, suffix: str = ".png", num_cases: int = 4, shape=(40, 48)) -> Path:
+    """``images/`` + ``labels/`` of 2D files (masks of 0 and 255, the microscopy convention), and one
+    unlabelled test image; a 16-bit TIFF for ``.tif``."""
+    rng = np.random.default_rng(11)
+    for kind in ("images", "labels", "test"):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+    for index in range(num_cases + 1):
+        image, mask = planar_phantom(shape, rng)
+        if suffix == ".tif":
+            image = image.astype(np.uint16) * 200
+        folder = "test" if index == num_cases else "images"
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(root / folder / f"cell_{index:02d}{suffix}"))
+        if index < num_cases:
+            sitk.WriteImage(sitk.GetImageFromArray(mask), str(root / "labels" / f"cell_{index:02d}{suffix}"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def planar_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_planar_dataset(tmp_path_factory.mktemp("cells"))
+
+
+@pytest.fixture(scope="session")
+def planar_datalist(planar_dataset: Path) -> Path:
+    """``medseg datalist``'s datalist of the 2D cells: two folds, ``label_values`` for the 0/255 masks."""
+    from pipeline.data.build import build_datalist
+
+    datalist = build_datalist(planar_dataset, planar_dataset / "datalist.json", folds=2)
+    content = json.loads(datalist.read_text())
+    content["test"] = [{"image": f"test/{p.name}"} for p in sorted((planar_dataset / "test").iterdir())]
+    datalist.write_text(json.dumps(content, indent=2))
+    return datalist
 
 
 @pytest.fixture(scope="session")

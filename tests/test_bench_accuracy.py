@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.accuracy import SPLIT_FILE, arms_to_run, hippocampus_split, parse_args, split_names, write_split
-from pipeline.workflows import available_bundles
+from pipeline.paths import volume_bundles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_bundles_named_none_run_only_the_mni_arms_with_their_levers(tmp_path: Pa
     args = parse_args([*argv, "--work", str(tmp_path), "--mni-data", str(mni)])
     assert args.bundles == [] and args.levers == ["no-deep-supervision"]
     assert arms_to_run(args, tmp_path / SPLIT_FILE, {}) == [], "no MNI datalist here, no hippocampus bundle"
-    assert parse_args(["--work", str(tmp_path)]).bundles == available_bundles()
+    assert parse_args(["--work", str(tmp_path)]).bundles == volume_bundles()
 
 
 @pytest.mark.long  # two real trainings and evaluations in their own processes: about 2.5 minutes

@@ -12,6 +12,8 @@ import torch
 from conftest import tiny
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from pipeline.data.datalist import cases, label_names
+from pipeline.paths import PLANAR_BUNDLES
 from pipeline.workflows import BUNDLES_DIR, LOGGING_FILE, available_bundles, config_files, meta_files
 
 # workflow -> (MONAI workflow type, the engine id whose resolution pulls in everything else)
@@ -32,7 +34,8 @@ def load(bundle: str, workflow: str, phantom_datalist: Path, tmp_path: Path) -> 
     }
     if workflow != "train":
         overrides["dataset_info"] = str(phantom_datalist)
-        overrides["input"] = [str(phantom_datalist.parent / "imagesTs")]
+        test_images = [c["image"] for c in cases(phantom_datalist, role="test")]
+        overrides["input"] = test_images
     loaded = ConfigWorkflow(
         config_file=config_files(bundle, workflow),
         meta_file=meta_files(bundle),
@@ -47,18 +50,24 @@ def load(bundle: str, workflow: str, phantom_datalist: Path, tmp_path: Path) -> 
 
 @pytest.mark.parametrize("bundle", available_bundles())
 @pytest.mark.parametrize("workflow", list(WORKFLOWS))
-def test_every_id_resolves(bundle: str, workflow: str, phantom_datalist: Path, tmp_path: Path) -> None:
-    loaded = load(bundle, workflow, phantom_datalist, tmp_path)
+def test_every_id_resolves(
+    bundle: str, workflow: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    planar = bundle in PLANAR_BUNDLES  # 2D images for the 2D network, 3D phantoms for the others
+    datalist = request.getfixturevalue("planar_datalist" if planar else "phantom_datalist")
+    loaded = load(bundle, workflow, datalist, tmp_path)
     assert loaded.check_properties() in (None, []), "MONAI's required bundle properties are all present"
     engine = loaded.parser.get_parsed_content(WORKFLOWS[workflow][1])
     assert engine.network is not None
     network = loaded.parser.get_parsed_content("network_def").eval()  # training mode stacks DS heads
-    output = network(torch.zeros(1, 1, 32, 32, 32))
-    assert output.shape == (1, 3, 32, 32, 32), "one output channel per datalist label"
-    weights = [p for p in engine.network.parameters() if p.ndim == 5]
+    shape = tuple(tiny(bundle)["patch_size"])
+    output = network(torch.zeros(1, 1, *shape))
+    assert output.shape == (1, len(label_names(datalist)), *shape), "one output channel per datalist label"
+    weights = [p for p in engine.network.parameters() if p.ndim == 2 + len(shape)]
     channels_last = loaded.parser.get_parsed_content("channels_last")
     assert channels_last == (bundle != "unetr"), "the layout the bench measured faster for each bundle"
-    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    fast = torch.channels_last if planar else torch.channels_last_3d
+    layout = fast if channels_last else torch.contiguous_format
     assert weights and all(p.is_contiguous(memory_format=layout) for p in weights)
 
 

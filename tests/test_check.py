@@ -102,8 +102,8 @@ BAD_IMAGES = {
     "huge_spacing": (lambda p: with_affine(p, np.diag([1.0, 1.0, 30.0, 1.0])), "over 20 mm", "error"),
     "tiny_spacing": (lambda p: with_affine(p, np.diag([1e-9, 1.0, 1.0, 1.0])), "under 0.001 mm", "error"),
     "anisotropic": (lambda p: with_affine(p, np.diag([0.5, 0.5, 12.0, 1.0])), "anisotropic", "warning"),
-    "two_d": (lambda p: nifti(p, volume(shape=(12, 10))), "is 2D (12x10)", "error"),
-    "single_slice": (lambda p: nifti(p, volume(shape=(12, 10, 1))), "is not a volume", "error"),
+    "one_d": (lambda p: nifti(p, volume(shape=(12,))), "is 1D (12)", "error"),
+    "single_slice": (lambda p: nifti(p, volume(shape=(12, 10, 1))), "is not an image", "error"),
     "four_d_two_volumes": (lambda p: nifti(p, volume(shape=(*SHAPE, 2))), "has 2 channels", "error"),
     "nan_voxels": (lambda p: with_voxels(p, np.nan), "2 NaN voxels", "error"),
     "infinite_voxels": (lambda p: with_voxels(p, np.inf), "2 infinite voxels", "error"),
@@ -206,6 +206,21 @@ def test_images_of_a_case_sum_their_channels(tmp_path: Path) -> None:
     assert (
         "has 2 channels" in check_case({**case, "image": [case["image"], str(second)]}, LABELS, 1)[0].problem
     )
+
+
+def test_a_2d_image_among_volumes_is_named_and_the_volumes_are_not(tmp_path: Path) -> None:
+    volumes = [case_files(tmp_path / f"volume{i}") for i in range(2)]
+    flat = nifti(tmp_path / "slice.nii.gz", volume(shape=(12, 10)))
+    content = {
+        "labels": {str(k): v for k, v in LABELS.items()},
+        "training": volumes,
+        "test": [{"image": str(flat)}],
+    }
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(content))
+    assert [(f.path, f.problem) for f in check_datalist(datalist)] == [
+        (str(flat), "is 2D while 2 of the datalist's 3 images are 3D")
+    ]
 
 
 def mixed_datalist(root: Path, corpus: dict[str, Path]) -> Path:

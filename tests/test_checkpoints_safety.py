@@ -158,7 +158,7 @@ FULL_DISK = textwrap.dedent(
     """
     import json, subprocess, sys
     import nibabel as nib, numpy as np, torch
-    from pipeline.inference.batch import AtomicNiftiWriter
+    from pipeline.inference.batch import AtomicImageWriter
     from pipeline.io.atomic import DiskFullError
     from pipeline.io.checkpoint import load_checkpoint, save_atomic
     folder = sys.argv[1]
@@ -170,7 +170,7 @@ FULL_DISK = textwrap.dedent(
     except DiskFullError as error:
         result["checkpoint"] = str(error)
     result["kept"] = int(load_checkpoint(f"{folder}/latest.pt")["step"])
-    writer = AtomicNiftiWriter()
+    writer = AtomicImageWriter()
     writer.set_data_array(np.random.rand(1, 80, 80, 80).astype(np.float32), channel_dim=0)
     writer.set_metadata({"affine": np.eye(4)})
     try:

@@ -81,5 +81,5 @@ def test_image_cases_expand_folders_and_refuse_missing_inputs(phantom_datalist: 
     assert [Path(c["image"]).name for c in found] == sorted(p.name for p in folder.iterdir())
     with pytest.raises(FileNotFoundError, match=r"missing\.nii\.gz"):
         datalist.image_cases([tmp_path / "missing.nii.gz"])
-    with pytest.raises(FileNotFoundError, match=r"holds no \.nii"):
+    with pytest.raises(FileNotFoundError, match=r"holds no NIfTI, PNG, TIFF or JPEG file"):
         datalist.image_cases([tmp_path])

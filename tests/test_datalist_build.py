@@ -22,7 +22,7 @@ from pipeline.data.build import (
     validation_cases,
 )
 from pipeline.io.names import case_name
-from pipeline.io.readers import NiftiOrDicomReader
+from pipeline.io.readers import InputReader
 
 SHAPE = (8, 7, 6)
 AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
@@ -199,7 +199,7 @@ def test_dicom_series_folder_loads_through_the_bundles_reader(tmp_path: Path) ->
     out = build_datalist(write_dicom(tmp_path / "export"), tmp_path / "datalist.json")
     assert json.loads(out.read_text())["training"][0]["image"] == "export/pt0"
     case = datalist.cases(out, role="all")[3]
-    loaded = LoadImaged(keys=["image", "label"], reader=NiftiOrDicomReader, ensure_channel_first=True)(case)
+    loaded = LoadImaged(keys=["image", "label"], reader=InputReader, ensure_channel_first=True)(case)
     assert tuple(loaded["image"].shape) == (1, *SHAPE) == tuple(loaded["label"].shape)
     assert float(loaded["image"].max()) == 3 - 1024  # the factory's rescale intercept, applied
 

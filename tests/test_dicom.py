@@ -39,7 +39,7 @@ from pipeline.io.dicom import (
 )
 from pipeline.io.readers import series_name_formatter, sitk_affine
 
-READER = "pipeline.io.readers.NiftiOrDicomReader"  # what the bundles' LoadImaged names
+READER = "pipeline.io.readers.InputReader"  # what the bundles' LoadImaged names
 SHAPE = (16, 12, 8)
 LEAKS = [*IDENTIFIERS.values(), "Doe", "Jane", "12345"]
 

@@ -121,7 +121,7 @@ def test_an_export_without_weights_passes_the_zoo_checks_of_its_files(tmp_path: 
     for workflow in ("inference", "evaluate"):
         text = (bundle / "configs" / f"{workflow}.json").read_text()
         assert not re.search(r"(?<![\w-])pipeline\.", text), f"{workflow}.json still names the package"
-        assert "scripts.io.readers.NiftiOrDicomReader" in text
+        assert "scripts.io.readers.InputReader" in text
     assert "$import pipeline.training" in (bundle / "configs" / "train.json").read_text()
     for source in (bundle / "scripts").rglob("*.py"):
         code = source.read_text()

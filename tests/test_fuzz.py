@@ -32,7 +32,7 @@ from monai.transforms import LoadImage
 from pipeline.cli import main
 from pipeline.data.check import check_case, check_image
 from pipeline.inference.batch import output_path
-from pipeline.io.readers import NiftiOrDicomReader
+from pipeline.io.readers import InputReader
 
 SHAPE = (16, 14, 12)
 # Damage that leaves a usable image: a field nibabel ignores (the sform wins over the quaternion;
@@ -416,7 +416,7 @@ def nibabel_reads(path: Path) -> nib.Nifti1Image | None:
 
 REFUSALS = (  # what a damaged header may be refused for, as the check words it
     "cannot be read as NIfTI", "voxel data is truncated", "header is damaged", "voxel spacing", "affine ",
-    "pixdim disagrees with the sform", "is not a volume", "has ", "is 2D", "header declares",
+    "pixdim disagrees with the sform", "is not an image", "has ", "is 2D", "header declares",
     "voxels are of type",
 )  # fmt: skip
 
@@ -431,7 +431,7 @@ def test_flipped_headers_are_refused_or_read_as_nibabel_reads_them(
     not judged)."""
     label = tmp_path / "label.nii.gz"
     nib.save(nib.Nifti1Image((image() > 100).astype(np.uint8), PHANTOM_AFFINE), label)
-    load = LoadImage(reader=NiftiOrDicomReader(), image_only=True)
+    load = LoadImage(reader=InputReader(), image_only=True)
     outcomes: dict[str, list[str]] = {"refused": [], "read": []}
     for path in (p for p in bad_inputs if p.name.startswith("flipped_")):
         findings = check_case({"image": str(path), "label": str(label)}, {0: "background", 1: "organ"}, 1)

@@ -10,7 +10,7 @@ import pytest
 from dicom_factory import write_series
 
 from pipeline.io.geometry import GRID_TOLERANCE, Grid, grid_mismatch, same_grid, shape_mismatch
-from pipeline.io.readers import NiftiOrDicomReader
+from pipeline.io.readers import InputReader
 
 SHAPE = (12, 10, 8)
 
@@ -101,7 +101,7 @@ def test_channels_off_one_grid_are_not_stacked(tmp_path: Path) -> None:
     write_series(first, volume)
     write_series(second, volume)
     write_series(moved, volume, origin=(-99.0, -120, 50))  # 1 mm off: another grid
-    reader = NiftiOrDicomReader()
+    reader = InputReader()
     stacked, _ = reader.get_data(reader.read([str(first), str(second)]))
     assert stacked.shape == (2, 8, 6, 4)
     with pytest.raises(ValueError, match=r"flair is not on the voxel grid of .*t1 \(origin shifted by"):

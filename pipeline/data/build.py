@@ -16,7 +16,8 @@ from pathlib import Path, PurePath
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.data.layouts import READERS, Found, Image, detect_layout
+from pipeline.data.datalist import MASK_WHITE
+from pipeline.data.layouts import READERS, Found, Image, detect_layout, folder_names
 
 
 def _check_files(found: Found, root: Path, layout: str) -> None:
@@ -56,12 +57,15 @@ def _label_values(path: Path) -> set[int]:
 
 
 def labels_from_files(paths: list[Path]) -> dict[int, str]:
-    """``class_N`` for every index up to the largest value found, so an index is its label value.
+    """``class_N`` for every index up to the largest value found, so an index is its label value;
+    masks of 0 and 255 are one class (``mask_values`` states it in the header).
 
     Indices must be mostly used: a mask saved as 0/255 would otherwise become 256 classes, 254 of
     them never seen, and a network trained with that many outputs."""
     found = {path: _label_values(path) for path in paths}
     values = set().union(*found.values())
+    if values == {0, MASK_WHITE}:  # a binary mask in the microscopy convention: header label_values
+        return {0: "background", 1: "foreground"}
     if max(values) == 0:
         raise ValueError(f"the label files ({paths[0].parent} ...) hold only background (0)")
     unused = max(values) + 1 - len(values)
@@ -73,6 +77,12 @@ def labels_from_files(paths: list[Path]) -> dict[int, str]:
             f"classes, {unused} of them never used. Relabel to 0, 1, 2, ... (a mask saved as 0/255?)"
         )
     return {index: "background" if index == 0 else f"class_{index}" for index in range(max(values) + 1)}
+
+
+def mask_values(paths: list[Path]) -> dict[str, int] | None:
+    """The header's ``label_values`` for masks of 0 and 255 (255 is class 1), else None."""
+    values = set().union(*(_label_values(path) for path in paths))
+    return {"0": 0, str(MASK_WHITE): 1} if values == {0, MASK_WHITE} else None
 
 
 def _channels(images: list[Image]) -> int:
@@ -153,15 +163,15 @@ def _header(found: Found, root: Path, layout: str, labels: list[str] | None, mod
     """Name, modality per channel and label names: the options win, then the dataset, then the files."""
     single = [image for image, _ in found.training.values() if not isinstance(image, list)]
     channels = len(found.modality) if found.modality else _channels(single)
-    if labels:
-        names = dict(enumerate(labels))
-    else:
-        names = found.labels or labels_from_files([label for _, label in found.training.values()])
+    label_files = [label for _, label in found.training.values()]
+    names = dict(enumerate(labels)) if labels else found.labels or labels_from_files(label_files)
+    values = None if found.labels else mask_values(label_files)
     return {
         "name": found.name or root.name,
         "description": f"built by medseg datalist from the {layout} layout of {root.name}",
         "modality": {str(i): name for i, name in enumerate(_modalities(modality, found.modality, channels))},
         "labels": {str(index): name for index, name in sorted(names.items())},
+        **({"label_values": values} if values else {}),
         "numTraining": len(found.training),
         "numTest": len(found.test),
     }
@@ -189,6 +199,7 @@ def build_datalist(
     root, out = Path(root).resolve(), Path(out).resolve()
     if not root.exists():
         raise FileNotFoundError(f"dataset {root} does not exist")
+    image_dir, label_dir = folder_names(root, image_dir, label_dir)
     layout = layout or detect_layout(root, image_dir, label_dir)
     if layout not in READERS:
         raise ValueError(f"unknown layout {layout!r}; the layouts are {', '.join(READERS)}")

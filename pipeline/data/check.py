@@ -7,8 +7,9 @@ names no file, or never (a shifted label trains a worse model silently). Each fi
 Rules (``error`` stops training and evaluation; ``warning`` is reported and logged only):
 
 - missing, unreadable or truncated files, headers nibabel must repair: error.
-- layout: 3D, or 4D/5D with channels last; 2D images and single slices are errors, and the
-  channel count must match the datalist's ``modality`` table (a label has one channel).
+- layout: 2D images (PNG, TIFF, JPEG, 2D NIfTI), 3D, or 4D/5D with channels last; single slices
+  are errors, and the channel count must match the datalist's ``modality`` table (a label has one
+  channel). A 2D label of a 3D image is refused as a grid mismatch.
 - size guard: a volume whose voxel count x 4 bytes (its float32 tensor) exceeds the memory
   budget (default 8 GiB) is refused from its header, before any voxel is read.
 - spacing, taken from the affine (what MONAI resamples with): NaN, zero (degenerate axes),
@@ -41,7 +42,7 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.data.datalist import cases, label_names, num_channels, read_json
+from pipeline.data.datalist import cases, label_names, label_values, num_channels, pixel_classes, read_json
 from pipeline.io.geometry import Grid, grid_mismatch, same_grid, shape_mismatch
 from pipeline.io.inspect import Unreadable, open_volume, reason
 from pipeline.io.readers import name_clashes
@@ -105,11 +106,12 @@ def _geometry(path: str, affine: np.ndarray) -> list[Finding]:
     """Spacing from the affine's columns: resampling uses the affine, not the header's pixdim."""
     if not np.isfinite(affine).all():
         return [Finding(path, "affine holds NaN or infinite values; the voxel spacing is unknown")]
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    axes = affine.shape[0] - 1  # 3, or 2 for a 2D image
+    spacing = np.linalg.norm(affine[:axes, :axes], axis=0)
     if (spacing <= 0).any():
         return [Finding(path, f"voxel spacing {_xs(spacing)} mm has a zero axis (degenerate affine)")]
     findings = []
-    if abs(np.linalg.det(affine[:3, :3] / spacing)) < 1e-2:
+    if abs(np.linalg.det(affine[:axes, :axes] / spacing)) < 1e-2:
         findings.append(Finding(path, "affine axes are (nearly) parallel: the direction matrix is singular"))
     if spacing.min() < MIN_SPACING_MM:
         problem = f"voxel spacing {_xs(spacing)} mm is under {MIN_SPACING_MM:g} mm (wrong units?)"
@@ -255,6 +257,13 @@ def check_case(
     memory_budget: int = MEMORY_BUDGET,
 ) -> list[Finding]:
     """A case's image file(s), its label if any, and whether they all share one voxel grid."""
+    return _checked_case(case, labels, expected_channels, memory_budget)[1]
+
+
+def _checked_case(
+    case: Mapping, labels: Mapping[int, str], expected_channels: int | None, memory_budget: int
+) -> tuple[Volume | None, list[Finding]]:
+    """The case's first image (None when unreadable) and the case's findings."""
     paths = case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]]
     findings, volumes = [], []
     for path in map(str, paths):
@@ -268,7 +277,25 @@ def check_case(
         findings += found
         volumes.append(label)
     present = [v for v in volumes if v]
-    return findings + [f for v in present[1:] for f in _same_grid(v, present[0])]
+    return volumes[0], findings + [f for v in present[1:] for f in _same_grid(v, present[0])]
+
+
+def _mixed_dimensions(images: Sequence[Volume]) -> list[Finding]:
+    """One network takes 2D images or 3D volumes, not both: the cases of the rarer dimension are
+    named (a 2D slice exported among volumes, a volume among PNGs)."""
+    by_dims: dict[int, list[str]] = {}
+    for volume in images:
+        by_dims.setdefault(len(volume.shape), []).append(volume.path)
+    if len(by_dims) < 2:
+        return []
+    usual = max(by_dims, key=lambda dims: len(by_dims[dims]))
+    problem = f"is {{}}D while {len(by_dims[usual])} of the datalist's {len(images)} images are {usual}D"
+    return [
+        Finding(path, problem.format(dims))
+        for dims, paths in by_dims.items()
+        if dims != usual
+        for path in paths
+    ]
 
 
 def _case_key(case: Mapping) -> str:
@@ -330,9 +357,16 @@ def _check(
             findings.append(Finding(str(datalist), f"has no {role} cases (val_fold={val_fold})", severity))
     unique = {_case_key(case): case for found in by_role.values() for case in found if case.get("image")}
     findings += _name_clashes(datalist, unique.values())
+    try:
+        values = pixel_classes(labels, label_values(datalist))
+    except (ValueError, KeyError) as error:
+        return len(unique), [*findings, Finding(str(datalist), f"label_values: {reason(error)}")]
+    images = []
     for case in unique.values():
-        findings += check_case(case, labels, num_channels(datalist), memory_budget=budget)
-    return len(unique), findings
+        image, found = _checked_case(case, values, num_channels(datalist), budget)
+        findings += found
+        images += [image] if image else []
+    return len(unique), findings + _mixed_dimensions(images)
 
 
 def checked_cases(

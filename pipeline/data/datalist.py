@@ -26,10 +26,12 @@ from monai.data import load_decathlon_datalist
 from pipeline.io.atomic import atomic_write
 from pipeline.io.datalist_file import DATASET_INFO_FILE, Source, read_json
 from pipeline.io.dicom import is_series_path
+from pipeline.io.names import is_planar
 
 CASE_LISTS = ("training", "validation", "test")
 FINGERPRINT_KEY = "training_cases"  # in the dataset facts: count and hash of the labelled cases
 ROLES = ("train", "validation", "test", "all")
+MASK_WHITE = 255  # microscopy's binary masks: 0 and 255 (white), not class indices 0 and 1
 
 
 def label_names(path: Source) -> dict[int, str]:
@@ -39,6 +41,29 @@ def label_names(path: Source) -> dict[int, str]:
     if sorted(names) != list(range(len(names))):
         raise ValueError(f"datalist {_name(path)}: label indices {sorted(names)} are not 0..{len(names) - 1}")
     return names
+
+
+def label_values(path: Source) -> dict[int, int] | None:
+    """The header's ``label_values`` (pixel value -> class index, ``{"255": 1}``) or None: labels
+    whose pixel values are not their class indices (``pipeline.transforms.LabelValuesd``)."""
+    table = read_json(path).get("label_values")
+    if table is None:
+        return None
+    classes = len(label_names(path))
+    mapping = {int(value): int(index) for value, index in table.items()}
+    wrong = sorted(index for index in mapping.values() if not 0 <= index < classes)
+    if wrong:
+        raise ValueError(f"datalist {_name(path)}: label_values map to {wrong}, not classes 0..{classes - 1}")
+    return mapping
+
+
+def pixel_classes(labels: Mapping[int, str], mapping: Mapping[int, int] | None) -> dict[int, str]:
+    """Label pixel value -> class name, as ``pipeline.transforms.LabelValuesd`` reads labels: through
+    ``label_values`` when given; else each class's own index, and 255 for the foreground of a
+    two-class dataset (a 0/255 mask)."""
+    if mapping:
+        return {int(value): labels[int(index)] for value, index in mapping.items()}
+    return {**labels, MASK_WHITE: labels[1]} if len(labels) == 2 else dict(labels)
 
 
 def num_classes(path: Source) -> int:
@@ -165,7 +190,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 def image_cases(inputs: str | Path | list[str | Path]) -> list[dict]:
     """Inference inputs as dataset entries: each file or DICOM series (``folder[#uid]``) as given,
-    each other folder's NIfTI files sorted.
+    each other folder's NIfTI, PNG, TIFF and JPEG files sorted.
 
     Hidden files are no images: macOS ``._*`` copies (MSD archives ship them) and the partial
     files of a killed writer (``pipeline.io.atomic``) are skipped in folders, refused when named.
@@ -177,10 +202,11 @@ def image_cases(inputs: str | Path | list[str | Path]) -> list[dict]:
             entries.append({"image": str(item)})
         elif path.is_dir():
             found = sorted(
-                p for p in path.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
-            )
+                p for p in path.iterdir()
+                if (p.name.endswith(NIFTI_SUFFIXES) or is_planar(p)) and not p.name.startswith(".")
+            )  # fmt: skip
             if not found:
-                raise FileNotFoundError(f"input folder {path} holds no .nii or .nii.gz file")
+                raise FileNotFoundError(f"input folder {path} holds no NIfTI, PNG, TIFF or JPEG file")
             entries += [{"image": str(p)} for p in found]
         elif path.is_file() and path.name.startswith("."):
             raise ValueError(f"input {path} is a hidden file (a macOS ._ copy or a partial file), no image")

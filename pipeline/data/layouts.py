@@ -9,8 +9,9 @@ Layouts, recognised by what marks each (``--layout`` skips the detection):
   ``training`` list of ``./imagesTr/...`` paths, ``test``).
 * ``dicom``: one DICOM series per case folder, with a label file named after the folder:
   ``images/<case>/`` + ``labels/<case>.nii.gz``, or ``<case>/`` + ``<case>_label.nii.gz`` side by side.
-  The series folder is the case's image path; ``pipeline.io.readers.NiftiOrDicomReader`` loads it.
-* ``folders``: ``images/`` and ``labels/`` holding files of the same names (extensions ignored).
+  The series folder is the case's image path; ``pipeline.io.readers.InputReader`` loads it.
+* ``folders``: ``images/`` and ``labels/`` (or ``image/`` and ``label/``) holding files of the same
+  names, extensions ignored: NIfTI and the other volume formats, or 2D PNG, TIFF and JPEG files.
 
 Hidden files (MSD ships macOS ``._*`` copies in some tasks) are ignored everywhere.
 """
@@ -227,6 +228,19 @@ READERS: dict[str, Callable[[Path, str, str], Found]] = {
     "dicom": _read_dicom,
     "folders": _read_folders,
 }
+
+
+SINGULAR = {"images": "image", "labels": "label"}  # the ISBI 2012 stack's and others' folder names
+
+
+def folder_names(root: Path, image_dir: str, label_dir: str) -> tuple[str, str]:
+    """``image_dir``/``label_dir``, or their singular forms where only those exist (``image/`` +
+    ``label/``, as microscopy datasets often name them)."""
+    if root.is_dir() and not (root / image_dir).is_dir():
+        singular = SINGULAR.get(image_dir, image_dir), SINGULAR.get(label_dir, label_dir)
+        if all((root / name).is_dir() for name in singular):
+            return singular
+    return image_dir, label_dir
 
 
 def detect_layout(root: Path, image_dir: str = "images", label_dir: str = "labels") -> str:

@@ -1,7 +1,8 @@
 """Segmenting many cases in one run without losing work to one bad case, a kill or a full disk.
 
-- Each segmentation is written atomically (``AtomicNiftiWriter``, named by SaveImaged's ``writer``):
-  a killed run never leaves half a file under the final name.
+- Each segmentation is written atomically (``AtomicImageWriter``, named by SaveImaged's ``writer``):
+  a killed run never leaves half a file under the final name. It is NIfTI, or PNG/TIFF for a batch of
+  PNG/TIFF (or JPEG) images: the input's own format (``output_extension``).
 - A rerun skips the cases whose segmentation exists (``cases_to_segment``; ``overwrite: true`` redoes
   them), so an interrupted batch resumes where it stopped; partial files of a killed run are removed.
 - Each case's output name is unique within its batch (``case_name``): two ``imaging.nii.gz`` in
@@ -23,32 +24,58 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 from ignite.engine import Engine, Events
 from monai.data import FolderLayout, NibabelWriter
 
 from pipeline.data.datalist import image_cases
 from pipeline.io.atomic import TMP_SUFFIX, atomic_path, stale_temporaries
 from pipeline.io.dicom import is_series_path
+from pipeline.io.names import is_planar
 from pipeline.io.readers import CASE_SUFFIX, output_names, series_name_formatter
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_EXTENSION = ".nii.gz"  # SaveImaged's default, which the bundles keep
+OUTPUT_EXTENSION = ".nii.gz"  # SaveImaged's default, which the bundles keep for volumes
+LOSSLESS = {".jpg": ".png", ".jpeg": ".png"}  # JPEG's compression would change class indices
 STALE_AFTER_S = 600.0  # a partial file untouched this long has no writer any more
 
 
-class AtomicNiftiWriter(NibabelWriter):
-    """MONAI's NIfTI writer, writing beside the target and renaming into place when complete."""
+class AtomicImageWriter(NibabelWriter):
+    """MONAI's NIfTI writer, writing beside the target and renaming into place when complete; a
+    ``.png``/``.tif`` target is written by SimpleITK in the axis order the reader gave (the input's
+    pixel grid, as ``pipeline.io.readers.InputReader`` read it)."""
 
     def write(self, filename: str | Path, verbose: bool = False, **kwargs: Any) -> None:
         with atomic_path(filename, keep_suffix=True) as tmp:
-            super().write(tmp, verbose=verbose, **kwargs)
+            if is_planar(filename):  # NibabelWriter casts in its own write: the class indices' dtype here
+                pixels = np.asarray(self.data_obj).astype(self.output_dtype or np.uint8)
+                sitk.WriteImage(sitk.GetImageFromArray(pixels.T), str(tmp))
+            else:
+                super().write(tmp, verbose=verbose, **kwargs)
 
 
-def output_path(image: str | Path, output_dir: str | Path, postfix: str, name: str | None = None) -> Path:
+def output_extension(images: Sequence[str | Path | Sequence[str | Path]]) -> str:
+    """The segmentations' format: the inputs' own when all are 2D images of one format (JPEG: PNG),
+    else NIfTI. One per batch, as SaveImaged takes one; a mixed batch gets NIfTI throughout."""
+    suffixes = {_planar_suffix(image if isinstance(image, (str, Path)) else image[0]) for image in images}
+    return suffixes.pop() if len(suffixes) == 1 and None not in suffixes else OUTPUT_EXTENSION
+
+
+def _planar_suffix(image: str | Path) -> str | None:
+    if not is_planar(image):
+        return None
+    suffix = Path(image).suffix.lower()
+    return LOSSLESS.get(suffix, suffix)
+
+
+def output_path(
+    image: str | Path, output_dir: str | Path, postfix: str, name: str | None = None,
+    extension: str = OUTPUT_EXTENSION,
+) -> Path:  # fmt: skip
     """Where SaveImaged puts the segmentation of ``image``: the same formatter and folder layout.
     ``name`` is the case's name within its batch (``case_name``); without it, the input's own."""
-    layout = FolderLayout(output_dir, postfix=postfix, extension=OUTPUT_EXTENSION, makedirs=False)
+    layout = FolderLayout(output_dir, postfix=postfix, extension=extension, makedirs=False)
     names = series_name_formatter({"filename_or_obj": str(image)}, None)
     if name is not None:
         names["subject"] = name + CASE_SUFFIX
@@ -111,7 +138,10 @@ def cases_to_segment(
         raise ValueError(f"{len(names)} case names for {len(cases)} inputs")
     for case, name in zip(cases, names, strict=True):
         case["case_name"] = name
-    outputs = [output_path(case["image"], output_dir, postfix, case["case_name"]) for case in cases]
+    extension = output_extension([case["image"] for case in cases])
+    outputs = [
+        output_path(case["image"], output_dir, postfix, case["case_name"], extension) for case in cases
+    ]
     remove_stale_temporaries([path for out in outputs for path in (out, dicom_seg_path(out))])
     if overwrite:
         return cases

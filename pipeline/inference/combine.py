@@ -17,6 +17,7 @@ import torch
 from monai.inferers import Inferer
 
 from pipeline.inference.members import load_members
+from pipeline.inference.windows import MirroredBorders
 
 logger = logging.getLogger(__name__)
 
@@ -50,19 +51,19 @@ def mirrored_probabilities(
 class FlipAveragingInferer(Inferer):
     """Test-time augmentation by mirroring: 2^n passes for n mirrored axes, softmax averaged."""
 
-    def __init__(self, inferer: Inferer, spatial_axes: Sequence[int] = (0, 1, 2)) -> None:
+    def __init__(self, inferer: Inferer, spatial_axes: Sequence[int] | None = None) -> None:
         self.inferer = inferer
-        self.spatial_axes = tuple(spatial_axes)
+        self.spatial_axes = None if spatial_axes is None else tuple(spatial_axes)  # None: every axis
 
-    @property
-    def passes(self) -> int:
-        return 2 ** len(self.spatial_axes)
+    def axes(self, inputs: torch.Tensor) -> tuple[int, ...]:
+        return self.spatial_axes if self.spatial_axes is not None else tuple(range(inputs.dim() - 2))
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         def predict(batch: torch.Tensor) -> torch.Tensor:
             return self.inferer(batch, network, *args, **kwargs)
 
-        return log_of_mean(mirrored_probabilities(predict, inputs, self.spatial_axes), self.passes)
+        axes = self.axes(inputs)
+        return log_of_mean(mirrored_probabilities(predict, inputs, axes), 2 ** len(axes))
 
 
 class EnsembleInferer(Inferer):
@@ -88,11 +89,17 @@ def choose_inferer(
     ensemble: Sequence[Mapping[str, str]],
     overrides: Mapping[str, Any],
     device: Any,
+    mirror_border: int = 0,
+    slice_axis: int | None = None,
 ) -> Inferer:
-    """The inference config's inferer: plain, mirrored (``tta``), or an ensemble of checkpoints."""
+    """The inference config's inferer: plain, mirrored (``tta``), or an ensemble of checkpoints; with
+    ``mirror_border`` voxels of mirrored image around it (``MirroredBorders``; in the slices' plane
+    only, for a 2D network on a volume's slices across ``slice_axis``)."""
     if ensemble:
         members = load_members(ensemble, overrides, device)
         if tta:
             members = [(FlipAveragingInferer(member_inferer), net) for member_inferer, net in members]
-        return EnsembleInferer(members)
-    return FlipAveragingInferer(inferer) if tta else inferer
+        chosen: Inferer = EnsembleInferer(members)
+    else:
+        chosen = FlipAveragingInferer(inferer) if tta else inferer
+    return MirroredBorders(chosen, mirror_border, slice_axis) if mirror_border > 0 else chosen

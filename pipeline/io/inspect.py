@@ -1,4 +1,5 @@
-"""Open a NIfTI file or a DICOM series for the data check: its header first, its voxels on request.
+"""Open a NIfTI file, a DICOM series or a 2D image for the data check: its header first, its voxels
+on request.
 
 Why a module of its own: ``pipeline.data.check`` must judge a file from its header before any
 voxel is read (a NIfTI header can declare any size), must see the header fields nibabel repairs
@@ -33,6 +34,8 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from pipeline.io.dicom import is_series_path, read_series
+from pipeline.io.names import is_planar
+from pipeline.io.readers import channels as image_channels
 from pipeline.io.readers import sitk_affine
 
 # What nibabel raises for a damaged file: bad gzip (OSError, EOFError, zlib.error), no NIfTI magic
@@ -72,10 +75,11 @@ def _size(num_bytes: int) -> str:
 
 
 def _layout(shape: Sequence[int]) -> tuple[tuple[int, ...], int] | str:
-    """Spatial shape and channel count of MSD's channels-last layout, or why the shape is not one."""
-    if len(shape) < 3:
-        return f"is {len(shape)}D ({_xs(shape)}); a 3D volume is needed"
-    if len(shape) == 3:
+    """Spatial shape and channel count of MSD's channels-last layout (a 2D image: x, y), or why the
+    shape is not one."""
+    if len(shape) < 2:
+        return f"is {len(shape)}D ({_xs(shape)}); a 2D image or a 3D volume is needed"
+    if len(shape) in (2, 3):
         spatial, channels = tuple(shape), 1
     elif len(shape) == 4:
         spatial, channels = tuple(shape[:3]), shape[3]
@@ -84,7 +88,7 @@ def _layout(shape: Sequence[int]) -> tuple[tuple[int, ...], int] | str:
     else:
         return f"has {len(shape)} dimensions ({_xs(shape)}); expected 3D, or 4D with channels last"
     if min(spatial) < 2:
-        return f"is not a volume ({_xs(shape)}): fewer than 2 voxels along an axis"
+        return f"is not an image ({_xs(shape)}): fewer than 2 voxels along an axis"
     return spatial, channels
 
 
@@ -154,4 +158,36 @@ def open_volume(path: str, budget: int) -> Opened:
         return _open_series(path)
     if not Path(path).is_file():
         raise Unreadable("does not exist")
-    return _open_nifti(path, budget)
+    return _open_planar(path, budget) if is_planar(path) else _open_nifti(path, budget)
+
+
+def _open_planar(path: str, budget: int) -> Opened:
+    """A PNG, TIFF or JPEG file through SimpleITK, as the bundles' reader opens it (a grey image
+    stored as RGB is one channel)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise Unreadable(f"cannot be read as an image ({reason(error)})") from error
+    size, affine = tuple(reader.GetSize()), sitk_affine(reader)  # the reader has the image's geometry
+    layout = _layout(size)
+    refused = layout if isinstance(layout, str) else _size_guard(size, budget)
+    if refused:
+        return Opened(size, 1, affine, lambda: np.zeros(0), refused=refused)
+    try:
+        arrays = image_channels(reader.Execute())
+    except RuntimeError as error:
+        raise Unreadable(f"pixel data cannot be read ({reason(error)})") from error
+    voxels = arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=-1)
+    return Opened(size, len(arrays), affine, lambda: voxels)
+
+
+def spatial_dims(path: str | Path) -> int:
+    """2 or 3: the dimension of an image's grid from its header (a DICOM series is a volume)."""
+    path = str(path)
+    if Path(path).is_dir() or is_series_path(path):
+        return 3
+    opened = _open_planar(path, 0) if is_planar(path) else _open_nifti(path, 0)  # budget 0: no voxels
+    layout = _layout(opened.shape)
+    return len(layout[0]) if not isinstance(layout, str) else len(opened.shape)

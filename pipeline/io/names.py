@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from pathlib import PurePath
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+# 2D formats of microscopy and photographs: SimpleITK reads them (pipeline.io.readers), and a
+# segmentation of one is written in its own format (pipeline.inference.batch.output_extension).
+PLANAR_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", *PLANAR_SUFFIXES)
+
+
+def is_planar(path: str | PurePath) -> bool:
+    """A file in one of the 2D formats (a multi-page TIFF may still hold a stack)."""
+    return str(path).lower().endswith(PLANAR_SUFFIXES)
 
 
 def case_name(path: PurePath) -> str:

@@ -1,4 +1,5 @@
-"""The MONAI image reader the bundles load with: NIfTI files and DICOM series folders, one ``reader``.
+"""The MONAI image reader the bundles load with: NIfTI files, DICOM series folders and 2D images
+(PNG, TIFF, JPEG), one ``reader``.
 
 Why not MONAI's own ``PydicomReader`` for series: it stacks slices in InstanceNumber order (a
 scrambled or restarted numbering scrambles the volume), reads every series in a folder into one
@@ -26,7 +27,7 @@ from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys, ensure_tuple
 
 from pipeline.io.dicom import is_series_path, read_series, split_series_path
 from pipeline.io.geometry import Grid, grid_mismatch
-from pipeline.io.names import case_name
+from pipeline.io.names import case_name, is_planar
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -44,12 +45,15 @@ def _is_nifti(path: str) -> bool:
     return str(path).endswith(NIFTI_SUFFIXES)
 
 
-class NiftiOrDicomReader(ImageReader):
-    """NIfTI through MONAI's NibabelReader (unchanged behaviour), DICOM series through ``read_series``.
+class InputReader(ImageReader):
+    """NIfTI through MONAI's NibabelReader (unchanged behaviour), DICOM series through ``read_series``,
+    PNG, TIFF (8/16-bit, one page or a stack) and JPEG through SimpleITK, with the spacing a TIFF
+    carries (1 elsewhere).
 
-    Name it in a config as ``reader: pipeline.io.readers.NiftiOrDicomReader``. Several paths for
-    one key are stacked as channels, as MONAI's readers do. Other files (``.npy``, ``.png``) are
-    declined in ``read`` so that LoadImage falls back to its default readers for them.
+    Name it in a config as ``reader: pipeline.io.readers.InputReader``. Several paths for one key
+    are stacked as channels, as MONAI's readers do; so are the components of a colour image, except
+    that a grey image stored as RGB is one channel. Other files (``.npy``) are declined in ``read``
+    so that LoadImage falls back to its default readers for them.
     """
 
     def __init__(self, **nibabel_kwargs) -> None:
@@ -57,13 +61,14 @@ class NiftiOrDicomReader(ImageReader):
         self.nibabel = NibabelReader(**nibabel_kwargs)
 
     def verify_suffix(self, filename: Sequence[str] | str) -> bool:
-        return all(_is_nifti(name) or is_series_path(name) for name in ensure_tuple(filename))
+        names = ensure_tuple(filename)
+        return all(_is_nifti(name) or is_series_path(name) or is_planar(name) for name in names)
 
     def read(self, data: Sequence[str] | str, **kwargs) -> tuple[str, ...]:
         """Only the paths: the reading is done in ``get_data`` (see the module docstring)."""
         paths = tuple(str(path) for path in ensure_tuple(data))
         if not self.verify_suffix(paths):
-            raise ValueError(f"{paths}: neither NIfTI files nor DICOM series folders")
+            raise ValueError(f"{paths}: neither NIfTI, PNG, TIFF or JPEG files nor DICOM series folders")
         return paths
 
     def get_data(self, img: tuple[str, ...]) -> tuple[np.ndarray, dict]:
@@ -78,7 +83,7 @@ class NiftiOrDicomReader(ImageReader):
                 raise ValueError(
                     f"{path} is not on the voxel grid of {img[0]} ({problem}); cannot stack them as channels"
                 )
-        arrays = [sitk.GetArrayFromImage(image).T for image in images]
+        arrays = [channel for image in images for channel in channels(image)]
         meta = {
             MetaKeys.AFFINE: affine,
             MetaKeys.ORIGINAL_AFFINE: affine.copy(),
@@ -87,6 +92,20 @@ class NiftiOrDicomReader(ImageReader):
             MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan") if len(arrays) == 1 else 0,
         }
         return (arrays[0] if len(arrays) == 1 else np.stack(arrays)), meta
+
+
+def channels(image: sitk.Image) -> list[np.ndarray]:
+    """The image's arrays in MONAI's axis order (x, y[, z]): one, or one per colour component;
+    equal components (a grey picture saved as RGB) are one channel."""
+    array = sitk.GetArrayFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() == 1:
+        return [array.T]
+    components = np.moveaxis(array, -1, 0)
+    if len(components) == 4 and np.all(components[3] == components[3].flat[0]):  # an opaque alpha
+        components = components[:3]
+    if all(np.array_equal(components[0], other) for other in components[1:]):
+        return [components[0].T]
+    return [component.T for component in components]
 
 
 CASE_SUFFIX = ".case"  # a stand-in extension: MONAI's FolderLayout drops the subject's last suffix

@@ -51,9 +51,11 @@ def run_folder_plan(
     minutes: float | None = None,
     enabled: bool = True,
     latest: str | Path | None = None,
+    spatial_dims: int | None = None,
 ) -> Path | None:
     """The run folder's ``plan.yaml``: reused when there, else made when ``enabled`` and no training
-    began there (``latest``, the training state, absent). None: the bundle's defaults."""
+    began there (``latest``, the training state, absent). None: the bundle's defaults.
+    ``spatial_dims`` 2 plans a 3D bundle's network in 2D (slice-wise on volumes)."""
     path = Path(output_dir) / PLAN_FILE
     if path.is_file():
         read_plan(path)  # a broken plan fails now, naming the file, not deep inside MONAI
@@ -66,7 +68,8 @@ def run_folder_plan(
         print(f"no {path.name} in the run folder: its training began without a plan and goes on so")
         return None
     started = time.perf_counter()
-    plan = make_plan(fingerprint(datalist, dataset_dir), bundle, rules.Device.detect(), minutes)
+    fp = fingerprint(datalist, dataset_dir)
+    plan = make_plan(fp, bundle, rules.Device.detect(), minutes, spatial_dims=spatial_dims)
     write_plan(plan, path)
     copy_fingerprint(datalist, Path(output_dir) / RUN_FINGERPRINT)
     print(f"plan for {bundle} ({time.perf_counter() - started:.0f} s; --no-plan for the bundle's defaults):")

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,11 @@ from monai.apps.auto3dseg.transforms import EnsureSameShaped
 from monai.transforms import EnsureTyped, LoadImaged, Orientationd
 
 from pipeline.data.datalist import cases as datalist_cases
-from pipeline.data.datalist import label_names, read_json
+from pipeline.data.datalist import label_names, label_values, read_json
 from pipeline.io.atomic import atomic_write
 from pipeline.io.dicom import split_series_path
-from pipeline.io.readers import NiftiOrDicomReader
+from pipeline.io.readers import InputReader
+from pipeline.transforms import LabelValuesd
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ def fingerprint(
     stale = [c for c in entries if _case_name(c, root) not in fresh]
     if stale:
         logger.info("fingerprint: reading %d of %d cases with MONAI's DataAnalyzer", len(stale), len(entries))
-        fresh.update({n: asdict(s) for n, s in analyse(stale, root).items()})
+        labels = LabelValuesd("label", label_values(datalist), len(label_names(datalist)))
+        fresh.update({n: asdict(s) for n, s in analyse(stale, root, labels).items()})
         _write_cache(cache, {n: {"stamp": stamps[n], "stats": fresh[n]} for n in stamps})
     content = read_json(datalist)
     modalities = content.get("modality", {"0": "MRI"})
@@ -152,8 +154,9 @@ def fingerprint(
     )
 
 
-def analyse(entries: Sequence[dict], root: Path) -> dict[str, CaseStats]:
-    """DataAnalyzer's per-case statistics of ``entries`` (absolute paths), by case name.
+def analyse(entries: Sequence[dict], root: Path, labels: LabelValuesd | None = None) -> dict[str, CaseStats]:
+    """DataAnalyzer's per-case statistics of ``entries`` (absolute paths), by case name; ``labels``
+    maps label pixel values to classes as the bundles do (0/255 masks).
 
     DataAnalyzer logs and skips a case it cannot read; here that is an error naming the file.
     """
@@ -168,7 +171,8 @@ def analyse(entries: Sequence[dict], root: Path) -> dict[str, CaseStats]:
     )
     by_label = {str(c["label"]): c for c in entries}
     found = {}
-    for stats in analyzer.get_all_case_stats(transform_list=_loading(entries))["stats_by_cases"]:
+    loading = _loading(labels or LabelValuesd("label"))
+    for stats in analyzer.get_all_case_stats(transform_list=loading)["stats_by_cases"]:
         entry = by_label.get(str(stats["label_filepath"]))
         if entry is not None:
             found[_case_name(entry, root)] = _case_stats(_case_name(entry, root), stats)
@@ -223,11 +227,12 @@ def _stamp(entry: dict) -> list:
     return stamp
 
 
-def _loading(entries: Iterable[dict]) -> list:
-    """DataAnalyzer's own loading steps, with the bundles' reader (NIfTI and DICOM series)."""
+def _loading(labels: LabelValuesd) -> list:
+    """DataAnalyzer's own loading steps, with the bundles' reader and label values."""
     keys = ["image", "label"]
     return [
-        LoadImaged(keys=keys, reader=NiftiOrDicomReader, ensure_channel_first=True, image_only=True),
+        LoadImaged(keys=keys, reader=InputReader, ensure_channel_first=True, image_only=True),
+        labels,
         EnsureTyped(keys=keys, data_type="tensor", dtype=torch.float),
         Orientationd(keys=keys, axcodes="RAS"),
         EnsureSameShaped(keys="label", source_key="image", allowed_shape_difference=5),
@@ -242,10 +247,12 @@ def _case_stats(name: str, stats: dict) -> CaseStats:
         (lab for uid, lab in zip(labels["labels"], labels["label"], strict=True) if uid == 0), None
     )
     foreground_fraction = 1.0 - (background["foreground_percentage"] if background else 0.0)
+    shape = tuple(int(s) for s in image["shape"][0])
     return CaseStats(
         name=name,
-        spacing=tuple(float(s) for s in image["spacing"]),
-        shape=tuple(int(s) for s in image["shape"][0]),
+        # DataAnalyzer reads three spacings from any affine: a 2D image's third is its translation's
+        spacing=tuple(float(s) for s in image["spacing"][: len(shape)]),
+        shape=shape,
         cropped_shape=tuple(int(s) for s in image["cropped_shape"][0]),
         foreground=tuple(
             ChannelStats(

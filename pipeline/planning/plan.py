@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 from pipeline.io.atomic import atomic_write
-from pipeline.paths import bundle_dir
+from pipeline.paths import PLANAR_BUNDLES, bundle_dir
 from pipeline.planning import rules
 from pipeline.planning.fingerprint import Fingerprint, fingerprint
 from pipeline.planning.probe import StepProbe
@@ -32,10 +32,12 @@ PLAN_FILE = "plan.yaml"
 # stop a small dataset's training long before its time is up, so the plan lifts the cap to nnU-Net's.
 BUDGET_EPOCH_CAP = 1000
 MIN_POOLINGS = 2  # a patch shrunk for time stops before its U-Net would lose its depth
-# Networks of fixed depth: the patch must be divisible by their total down-sampling (MultiResUNet:
-# four 2x poolings; UNETR: 16^3 ViT patches). The others take strides (and kernels) from the plan.
-FIXED_DIVISOR = {"multiresunet": (16, 16, 16), "unetr": (16, 16, 16)}
+# Networks of fixed depth: the patch must be divisible by their total down-sampling along every axis
+# (MultiResUNet and the 2D U-Net: four 2x poolings; UNETR: 16^3 ViT patches). The others take strides
+# (and kernels) from the plan.
+FIXED_DIVISOR = {"multiresunet": 16, "unetr": 16, "unet2d": 16}
 NETWORK_KEYS = {"unet3d": ("features", "strides", "kernel_sizes"), "multiresunet": ("features",),
+                "unet2d": ("features",),
                 "resunet": ("channels", "strides"), "attention_unet": ("channels", "strides"),
                 "unetr": ("feature_size", "hidden_size", "mlp_dim", "num_heads")}  # fmt: skip
 # The key holding a bundle's base width (model.yaml's name; a list of widths per level, or one number).
@@ -60,6 +62,8 @@ class Plan:
     ct_std: float | list | None = None
     network: dict[str, Any] = field(default_factory=dict)  # the bundle's own network keys
     time_budget_minutes: float | None = None
+    spatial_dims: int = 3  # 2 for 2D images: the bundle runs its network in 2D
+    slice_axis: int | None = None  # a 2D network on volumes: the axis its slices are taken across
     recommend_2d: bool = False
     reasons: dict[str, str] = field(default_factory=dict, compare=False)
     notes: tuple[str, ...] = field(default=(), compare=False)  # header lines: bundle, 2D, expected steps
@@ -80,6 +84,10 @@ class Plan:
         }
         if self.ct_clip is not None:
             keys.update(ct_clip=self.ct_clip, ct_mean=self.ct_mean, ct_std=self.ct_std)
+        if self.spatial_dims != 3:
+            keys["spatial_dims"] = self.spatial_dims
+        if self.slice_axis is not None:
+            keys["slice_axis"] = self.slice_axis
         if self.time_budget_minutes is not None:
             keys["time_budget_minutes"] = self.time_budget_minutes
             keys["max_epochs"] = BUDGET_EPOCH_CAP
@@ -98,7 +106,7 @@ class Plan:
         """The typed view of plan keys (a ``plan.yaml`` read back, or a config's resolved keys)."""
         known = {"spacing", "patch_size", "batch_size", "samples_per_volume", "sw_batch_size", "num_workers",
                  "rotate90_axes", "rotate90_prob", "zscore_nonzero", "ct_clip", "ct_mean", "ct_std",
-                 "time_budget_minutes"}  # fmt: skip
+                 "time_budget_minutes", "spatial_dims", "slice_axis"}  # fmt: skip
         missing = {"spacing", "patch_size", "batch_size"} - set(keys)
         if missing:
             raise ValueError(f"plan lacks {', '.join(sorted(missing))}")
@@ -148,18 +156,24 @@ def make_plan(
     minutes: float | None = None,
     step_bytes: Callable[[tuple[int, ...], int, dict], int] | None = None,
     step_seconds: Callable[[tuple[int, ...], int, dict], float] | None = None,
+    spatial_dims: int | None = None,
 ) -> Plan:
-    """The plan of ``bundle`` for the fingerprinted data on ``device``.
+    """The plan of ``bundle`` for the fingerprinted data on ``device``; a 2D network (``unet2d``, or
+    ``spatial_dims`` 2) on volumes is planned slice-wise, across their coarsest axis.
 
     ``step_bytes(patch, batch, network_keys)`` is the memory of one training step and
     ``step_seconds`` its time (with ``minutes`` only); by default real probes of the bundle's network
     (``StepProbe``).
     """
-    spacing, _, spacing_why = rules.target_spacing(fp)
-    two_d = rules.recommend_2d(fp, spacing)
-    median = rules.median_shape(fp, spacing)
-    fixed = FIXED_DIVISOR.get(bundle)
-    probe = StepProbe(bundle, len(fp.modalities), len(fp.labels), fixed)  # builds networks only when asked
+    volume_spacing, _, spacing_why = rules.target_spacing(fp)
+    dims = 2 if bundle in PLANAR_BUNDLES or spatial_dims == 2 else len(volume_spacing)
+    across = rules.slice_axis(volume_spacing) if dims < len(volume_spacing) else None
+    plane = [axis for axis in range(len(volume_spacing)) if axis != across]
+    spacing = tuple(volume_spacing[axis] for axis in plane)  # the network's grid: the slices' plane
+    two_d = rules.recommend_2d(fp, volume_spacing)
+    median = tuple(rules.median_shape(fp, volume_spacing)[axis] for axis in plane)
+    fixed = fixed_divisor(bundle, dims)
+    probe = StepProbe(bundle, len(fp.modalities), len(fp.labels), fixed, spatial_dims=dims)
     measure = step_bytes or probe.bytes
     budget = device.budget_bytes
 
@@ -173,7 +187,7 @@ def make_plan(
     patch, topo, patch_why = rules.patch_size(median, spacing, memory_fits, fixed)
     network = network_keys(bundle, topo, base_width(bundle))
     batch, batch_why = rules.batch_size(
-        fp, patch, spacing, device, lambda b: measure(patch, b, network) <= budget
+        fp, patch, volume_spacing, device, lambda b: measure(patch, b, network) <= budget
     )
     width_why, steps_note = "", "no time budget: the bundle's own width, planned for accuracy"
     if minutes is not None and network:
@@ -217,14 +231,16 @@ def make_plan(
         f"plan.yaml for bundle {bundle} from {len(fp.cases)} labelled cases (medseg plan): compose it",
         f"last, after the bundle's configs/model.yaml. Device: {device.kind}, {device.cores} cores, "
         f"memory budget {budget / 2**30:.1f} GiB.",
-        f"2D recommended: {'yes' if two_d.value else 'no'} ({two_d.reason}); this plan is 3D.",
+        _dimension_note(dims, across, median, two_d.value, two_d.reason),
         f"Steps: {steps_note}.",
     ]
     if minutes is not None:
         reasons["time_budget_minutes"] = "time budget: medseg plan --minutes"
         reasons["max_epochs"] = "time budget: the budget sets the epochs, this is only their cap"
+    if across is not None:
+        reasons["slice_axis"] = f"slice-wise: a 2D network across the coarsest axis {across}"
     return Plan(
-        spacing=tuple(_round(list(spacing))),
+        spacing=tuple(_round(list(volume_spacing))),
         patch_size=patch,
         batch_size=batch,
         samples_per_volume=samples,
@@ -238,6 +254,8 @@ def make_plan(
         ct_std=std,
         network=network,
         time_budget_minutes=minutes,
+        spatial_dims=dims,
+        slice_axis=across,
         recommend_2d=bool(two_d.value),
         reasons=reasons,
         notes=tuple(notes),
@@ -268,7 +286,7 @@ def fit_budget(
     if steps < rules.MIN_STEPS:
         voxels = float(np.prod(patch))
 
-        fixed = FIXED_DIVISOR.get(bundle)
+        fixed = fixed_divisor(bundle, len(patch))
 
         def enough_steps(p: tuple[int, ...]) -> bool:
             if not fixed and rules.topology(p, spacing).poolings < MIN_POOLINGS:
@@ -280,6 +298,26 @@ def fit_budget(
         seconds = step_seconds(patch, batch, network_keys(bundle, topo, width))
         steps = rules.expected_steps(seconds, minutes)
     return (patch, topo, patch_why), network_keys(bundle, topo, width), width_why, steps
+
+
+def _dimension_note(
+    dims: int, across: int | None, median: Sequence[float], recommended: bool, why: str
+) -> str:
+    if across is not None:
+        return f"2D network on the volumes' slices across axis {across} ({_fmt_shape(median)} at the median)."
+    if dims == 2:
+        return f"2D images: the network runs in 2D ({_fmt_shape(median)} pixels at the median)."
+    return f"2D recommended: {'yes' if recommended else 'no'} ({why}); this plan is 3D."
+
+
+def fixed_divisor(bundle: str, dims: int) -> tuple[int, ...] | None:
+    """The total down-sampling per axis of a network of fixed depth, None for the others."""
+    divisor = FIXED_DIVISOR.get(bundle)
+    return None if divisor is None else (divisor,) * dims
+
+
+def _fmt_shape(shape: Sequence[float]) -> str:
+    return "x".join(str(round(s)) for s in shape)
 
 
 def base_width(bundle: str) -> int:
@@ -296,6 +334,8 @@ def network_keys(bundle: str, topo: rules.Topology | None, base: int) -> dict[st
     """The bundle's network keys (model.yaml's own names for network_def's arguments)."""
     if bundle == "multiresunet":
         return {"features": rules.features(4, base)}
+    if bundle == "unet2d":  # the paper's widths double to the bottom, uncapped
+        return {"features": rules.features(4, base, cap=16 * base)}
     if bundle == "unet3d" and topo is not None:
         return {
             "features": rules.features(topo.poolings, base),
@@ -328,11 +368,12 @@ def plan_datalist(
     minutes: float | None = None,
     output: str | Path | None = None,
     dataset_dir: str | Path | None = None,
+    spatial_dims: int | None = None,
 ) -> tuple[Plan, Path]:
     """Fingerprint, plan and write ``plan.yaml`` (beside the datalist unless ``output``)."""
     bundle_dir(bundle)  # an unknown bundle is refused before any reading
     fp = fingerprint(datalist, dataset_dir)
-    plan = make_plan(fp, bundle, rules.Device.detect(), minutes)
+    plan = make_plan(fp, bundle, rules.Device.detect(), minutes, spatial_dims=spatial_dims)
     path = write_plan(plan, output or Path(datalist).with_name(PLAN_FILE))
     return plan, path
 

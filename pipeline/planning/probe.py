@@ -19,7 +19,9 @@ import torch
 from pipeline.bundle_parser import bundle_parser
 from pipeline.planning import rules
 
-REFERENCE_PATCH = (32, 32, 32)  # the memory probe's size; larger patches are scaled from it
+# The memory probe's size, per dimension (2D: a plane of about as many voxels); larger patches are
+# scaled from it.
+REFERENCE_PATCH = {3: (32, 32, 32), 2: (192, 192)}
 
 
 class StepProbe:
@@ -33,13 +35,16 @@ class StepProbe:
         num_classes: int,
         fixed_divisor: Sequence[int] | None = None,
         device: str | None = None,
+        spatial_dims: int | None = None,
     ) -> None:
         self.bundle, self.in_channels, self.num_classes = bundle, in_channels, num_classes
         self.fixed_divisor, self.device = fixed_divisor, device
+        self.dims = {} if spatial_dims is None else {"spatial_dims": spatial_dims}  # else the bundle's own
         self.measured: dict[str, tuple[int, float]] = {}
 
     def network(self, patch: Sequence[int], keys: dict, entry: str = "network_def"):
-        shape = {"in_channels": self.in_channels, "num_classes": self.num_classes, "patch_size": list(patch)}
+        shape = {"in_channels": self.in_channels, "num_classes": self.num_classes, "patch_size": list(patch),
+                 **self.dims}  # fmt: skip
         parser = bundle_parser(self.bundle, "train", {**shape, **keys}, meta=False)
         return parser.get_parsed_content(entry)
 
@@ -47,7 +52,7 @@ class StepProbe:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         signature = repr(sorted(keys.items()))
         if signature not in self.measured:
-            reference = tuple(min(r, p) for r, p in zip(REFERENCE_PATCH, patch, strict=True))
+            reference = tuple(min(r, p) for r, p in zip(REFERENCE_PATCH[len(patch)], patch, strict=True))
             if self.fixed_divisor:  # UNETR's ViT is built for the patch itself
                 reference = (
                     tuple(patch) if self.bundle == "unetr" else rules.divisible(reference, self.fixed_divisor)
@@ -74,8 +79,9 @@ def time_step(network, patch: Sequence[int], batch: int, in_channels: int, repea
     speeds one up. Plain steps: ``measure_step``'s memory hooks would slow them."""
     parameter = next(network.parameters())
     x = torch.randn(batch, in_channels, *patch, device=parameter.device)
-    if parameter.dim() == 5 and parameter.is_contiguous(memory_format=torch.channels_last_3d):
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+    layout = {5: torch.channels_last_3d, 4: torch.channels_last}.get(parameter.dim())
+    if layout is not None and parameter.is_contiguous(memory_format=layout):
+        x = x.contiguous(memory_format=layout)
     optimiser = torch.optim.SGD(network.parameters(), lr=0.0)  # the step's cost, weights unchanged
     network.train()
     times = []

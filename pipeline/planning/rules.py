@@ -28,7 +28,8 @@ BATCH_DATASET_SHARE = 0.05  # one batch covers at most this share of the dataset
 # Memory one training step may take: most of a GPU; a quarter of the RAM on a CPU, which also holds
 # the cached dataset, the validation volumes and their sliding-window outputs.
 MEMORY_SHARE = {"cuda": 0.85, "cpu": 0.25}
-MAX_PATCH_VOXELS = 160**3  # where the shrinking starts for large cases (nnU-Net starts near 256^3)
+# Where the shrinking starts for large cases, per dimension (nnU-Net starts near 256^3; 2D: 512^2).
+MAX_PATCH_VOXELS = {3: 160**3, 2: 512**2}
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,13 @@ def recommend_2d(fp: Fingerprint, spacing: Sequence[float]) -> Choice:
     if ratio > ANISOTROPY_RATIO:
         return Choice(True, f"target spacing {_fmt(spacing)} mm is {ratio:.1f}x coarser out of plane")
     return Choice(False, f"target spacing ratio {ratio:.1f} <= {ANISOTROPY_RATIO:g}: 3D")
+
+
+def slice_axis(spacing: Sequence[float]) -> int:
+    """The axis a 2D network's slices are taken across: the coarsest (on a tie the last, which is the
+    slice axis of axial scans after RAS orientation), so each slice keeps the finest grid."""
+    coarsest = max(spacing)
+    return max(axis for axis, s in enumerate(spacing) if s == coarsest)
 
 
 @dataclass(frozen=True)
@@ -206,7 +214,7 @@ def initial_patch(median: Sequence[float], spacing: Sequence[float]) -> tuple[fl
     a large case starts from a bounded, physically cubic patch so the memory check has few steps.
     """
     inverse = 1 / np.asarray(spacing, dtype=np.float64)
-    cap = inverse * (MAX_PATCH_VOXELS / np.prod(inverse)) ** (1 / 3)
+    cap = inverse * (MAX_PATCH_VOXELS[len(spacing)] / np.prod(inverse)) ** (1 / len(spacing))
     return tuple(float(min(m, c)) for m, c in zip(median, cap, strict=True))
 
 

@@ -15,12 +15,14 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from monai.data.utils import to_affine_nd
 from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from pipeline.io.dicom import find_series, is_series_path, read_series, split_series_path
 from pipeline.io.geometry import Grid, grid_mismatch
-from pipeline.io.readers import sitk_affine
+from pipeline.io.names import is_planar
+from pipeline.io.readers import channels, sitk_affine
 
 LABEL_DTYPE = np.int16  # float-stored label maps are rounded into this (class indices fit easily)
 
@@ -59,7 +61,10 @@ class RasVolume:
 
 
 def as_ras(data: np.ndarray, affine: np.ndarray, source: str) -> RasVolume:
-    """Reorient by the closest axis permutation and flips (what viewers show for oblique scans too)."""
+    """Reorient by the closest axis permutation and flips (what viewers show for oblique scans too).
+    A 2D image (x, y, with a 3x3 affine) is a volume of one slice."""
+    if data.ndim == 2 and np.shape(affine) == (3, 3):
+        data, affine = data[..., None], to_affine_nd(3, np.asarray(affine, dtype=float))
     if data.ndim != 3:
         raise ValueError(f"{source} has {data.ndim} dimensions {data.shape}; a 3D volume is needed")
     affine = np.asarray(affine, dtype=float)
@@ -69,10 +74,11 @@ def as_ras(data: np.ndarray, affine: np.ndarray, source: str) -> RasVolume:
 
 
 def _read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Stored array (no dtype conversion) and affine of a NIfTI file or DICOM series folder."""
-    if is_series_path(path):
-        image = read_series(path)
-        return sitk.GetArrayFromImage(image).T, sitk_affine(image)
+    """Stored array (no dtype conversion) and affine of a NIfTI file, DICOM series folder or 2D image
+    (its first channel: the pictures show one)."""
+    if is_series_path(path) or (is_planar(path) and Path(path).is_file()):
+        image = read_series(path) if is_series_path(path) else sitk.ReadImage(str(path))
+        return channels(image)[0], sitk_affine(image)
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
@@ -87,8 +93,8 @@ def _squeeze(data: np.ndarray, path: str | Path, *, labels: bool) -> np.ndarray:
         data = data[..., 0]
     if data.ndim > 3 and not labels:  # multi-channel image: show the first volume
         data = data.reshape(*data.shape[:3], -1)[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"{path} has shape {data.shape}; a 3D volume is needed")
+    if data.ndim not in (2, 3):
+        raise ValueError(f"{path} has shape {data.shape}; a 2D image or a 3D volume is needed")
     return data
 
 
