@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 TORCH_SPEC := $(VENV)/.torch-spec
 
-.PHONY: setup demo test test-long lint bench bench-accuracy bench-isbi mlflow-ui clean distclean FORCE
+.PHONY: setup demo test test-long lint bench bench-accuracy bench-isbi bench-thick mlflow-ui clean distclean FORCE
 
 setup: $(INSTALLED)
 
@@ -45,6 +45,10 @@ bench-accuracy: setup
 
 bench-isbi: setup
 	$(BIN)/python -m bench.isbi $(BENCH_ISBI_ARGS)
+
+# 2D (slice-wise) against 3D unet3d on the hippocampus cases resampled to 5 mm slices.
+bench-thick: setup
+	$(BIN)/python -m bench.thick_slices $(BENCH_THICK_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

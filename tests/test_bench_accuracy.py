@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.accuracy import SPLIT_FILE, arms_to_run, hippocampus_split, parse_args, split_names, write_split
@@ -92,3 +93,26 @@ def test_quick_bench_scores_both_arms_and_resumes(shared_data: Path, tmp_path: P
     assert again.returncode == 0, again.stderr[-3000:]
     assert {path: path.stat().st_size for path in work.rglob("train.log")} == logs  # nothing retrained
     assert json.loads(out.read_text())["rows"] == results["rows"]
+
+
+def test_thick_slices_keep_the_extent_and_the_label_values(tmp_path: Path) -> None:
+    """bench.thick_slices' 5 mm volumes: the third axis at 5 mm over the same extent, the other axes and
+    the directions unchanged, and a label resampled by nearest neighbour (no new values)."""
+    import SimpleITK as sitk
+
+    from bench.thick_slices import SLICE_MM, thick
+
+    label = np.zeros((30, 12, 10), np.uint8)  # SimpleITK's z, y, x
+    label[10:20, 3:8, 2:6] = 2
+    image = sitk.GetImageFromArray(label)
+    image.SetSpacing((0.8, 0.9, 1.0))
+    image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))
+    sitk.WriteImage(image, str(tmp_path / "label.nii.gz"))
+    out = sitk.ReadImage(
+        thick(str(tmp_path / "label.nii.gz"), tmp_path / "thick.nii.gz", sitk.sitkNearestNeighbor)
+    )
+    assert out.GetSize() == (10, 12, 6) and np.allclose(out.GetSpacing(), (0.8, 0.9, SLICE_MM))
+    assert np.allclose(out.GetDirection(), image.GetDirection()) and np.allclose(
+        out.GetOrigin(), image.GetOrigin()
+    )
+    assert set(np.unique(sitk.GetArrayFromImage(out))) == {0, 2}

@@ -237,6 +237,9 @@ def make_plan(
     if minutes is not None:
         reasons["time_budget_minutes"] = "time budget: medseg plan --minutes"
         reasons["max_epochs"] = "time budget: the budget sets the epochs, this is only their cap"
+    if dims == 2:
+        inputs = "the volumes' slices" if across is not None else "2D images"
+        reasons["spatial_dims"] = f"2D network: {inputs}"
     if across is not None:
         reasons["slice_axis"] = f"slice-wise: a 2D network across the coarsest axis {across}"
     return Plan(
