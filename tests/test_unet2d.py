@@ -70,6 +70,19 @@ def test_a_0_255_mask_is_read_as_classes_0_and_1(planar_datalist: Path) -> None:
         LabelValuesd("label", {0: 0, 128: 1})({"label": torch.as_tensor(label)})
 
 
+def test_16_bit_and_multi_page_tiffs_keep_their_values_and_pages(tmp_path: Path) -> None:
+    """A 16-bit TIFF keeps values over 255; a multi-page TIFF is a stack (x, y, page), as SimpleITK
+    reads it; a grey picture saved as RGB is one channel."""
+    pages = np.arange(3 * 12 * 10, dtype=np.uint16).reshape(3, 12, 10) * 50  # page, y, x; up to 17950
+    sitk.WriteImage(sitk.GetImageFromArray(pages), str(tmp_path / "stack.tif"))
+    stack, _ = InputReader().get_data(InputReader().read(str(tmp_path / "stack.tif")))
+    assert stack.shape == (10, 12, 3) and np.array_equal(stack, pages.transpose(2, 1, 0))
+    grey = np.repeat(pages[0, ..., None].astype(np.uint8), 3, axis=-1)
+    sitk.WriteImage(sitk.GetImageFromArray(grey, isVector=True), str(tmp_path / "grey_rgb.png"))
+    picture, _ = InputReader().get_data(InputReader().read(str(tmp_path / "grey_rgb.png")))
+    assert picture.shape == (10, 12) and np.array_equal(picture, pages[0].T.astype(np.uint8))
+
+
 def test_the_check_accepts_2d_images_and_refuses_a_2d_label_of_a_volume(
     planar_datalist: Path, phantom_datalist: Path, tmp_path: Path
 ) -> None:
