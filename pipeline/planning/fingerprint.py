@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,16 @@ def _stamp(entry: dict) -> list:
     return stamp
 
 
+def _ras_orientation(keys: list[str]) -> Callable[[dict], dict]:
+    """Orientationd to RAS, or to RA for a 2D image (as the bundles' ``axcodes``: MONAI warns on codes
+    longer than the image's dimension)."""
+
+    def orient(data: dict) -> dict:
+        return Orientationd(keys=keys, axcodes="RAS"[: data["image"].ndim - 1])(data)
+
+    return orient
+
+
 def _loading(labels: LabelValuesd) -> list:
     """DataAnalyzer's own loading steps, with the bundles' reader and label values."""
     keys = ["image", "label"]
@@ -234,7 +244,7 @@ def _loading(labels: LabelValuesd) -> list:
         LoadImaged(keys=keys, reader=InputReader, ensure_channel_first=True, image_only=True),
         labels,
         EnsureTyped(keys=keys, data_type="tensor", dtype=torch.float),
-        Orientationd(keys=keys, axcodes="RAS"),
+        _ras_orientation(keys),
         EnsureSameShaped(keys="label", source_key="image", allowed_shape_difference=5),
     ]
 
