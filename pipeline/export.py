@@ -22,6 +22,7 @@ from monai.bundle import ConfigParser
 from monai.bundle.utils import merge_kv
 
 from pipeline import export_zoo as zoo
+from pipeline.bundle_parser import bundle_parser
 from pipeline.data.datalist import save_dataset_info
 from pipeline.io.checkpoint import (
     CheckpointError,
@@ -41,6 +42,7 @@ from pipeline.paths import (
     config_files,
     meta_files,
 )
+from pipeline.workflows import require_fitting_checkpoint
 
 # Workflows shipped as overrides on another workflow's config, as the model zoo ships multi-GPU training.
 OVERLAYS = {"multi_gpu_train": "train"}
@@ -97,6 +99,18 @@ def export_bundle(name: str, out_dir: str | Path, checkpoint: str | Path | None 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def export_onnx(name: str, checkpoint: str | Path, out: str | Path) -> Path:
+    """``medseg export-onnx``: the bundle's network with ``checkpoint``'s weights (and the training
+    config inside it) as one ONNX file whose metadata says what goes in and what comes out."""
+    out = Path(out).absolute()
+    if out.exists():
+        raise FileExistsError(f"{out} exists; export to a new file")
+    require_fitting_checkpoint(name, checkpoint, {})  # a missing or foreign checkpoint, in words
+    parser = bundle_parser(name, "inference", {}, checkpoint=checkpoint)
+    metadata = ConfigParser.load_config_files(meta_files(name))
+    return zoo.deployable_onnx(parser, Path(checkpoint), out, metadata)
 
 
 def _require_state_dict(checkpoint: str | Path) -> None:

@@ -1,7 +1,8 @@
 """What makes an exported bundle one the MONAI model zoo accepts (its ``ci/verify_bundle.py``):
 ``LICENSE``, ``large_files.yml``, metadata valid against ``meta_schema_20240725.json`` and describing
-the trained model, configs that build the network from the bundle folder alone, TorchScript weights,
-and the components inference and evaluation name copied into ``scripts/``, so neither needs this
+the trained model, configs that build the network from the bundle folder alone, TorchScript weights
+(and ONNX, ``models/model.onnx``, with its input and output described in its metadata), and the
+components inference and evaluation name copied into ``scripts/``, so neither needs this
 package installed. Training (``configs/train.json``) still imports the ``pipeline`` package: its
 handlers record to MLflow and resume runs, which is this project's application, not the model's.
 """
@@ -26,6 +27,7 @@ import yaml
 from monai.bundle import ConfigParser
 from monai.data import save_net_with_metadata
 
+from pipeline.inference.runtimes import write_onnx
 from pipeline.io.checkpoint import dataset_facts, load_checkpoint, load_network_weights, saved_config
 from pipeline.paths import DISTRIBUTION
 
@@ -117,6 +119,9 @@ def finish(bundle: Path, metadata: Mapping[str, Any], facts: Mapping[str, Any]) 
     unscripted = None
     if (bundle / "models" / "model.pt").is_file():
         unscripted = write_torchscript(bundle, inference, described)
+        parser = ConfigParser(copy.deepcopy(dict(inference)))
+        parser["bundle_root"] = str(bundle)
+        deployable_onnx(parser, bundle / "models" / "model.pt", bundle / "models" / "model.onnx", described)
     write_large_files(bundle)
     return unscripted
 
@@ -143,6 +148,40 @@ def write_torchscript(bundle: Path, config: Mapping[str, Any], metadata: Mapping
         meta_values=dict(metadata), more_extra_files=extra,
     )  # fmt: skip
     return None
+
+
+def deployable_onnx(
+    parser: ConfigParser, checkpoint: Path, out: Path, metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """``out``: the inference config's network with ``checkpoint``'s weights as ONNX, for windows of the
+    config's patch, with what a deployment must do around it (orientation, spacing, intensities,
+    sliding window, labels) in its metadata."""
+    network = load_network_weights(parser.get_parsed_content("network_def"), checkpoint).eval()
+    patch = [int(size) for size in parser.get_parsed_content("patch_size")]
+    window = (int(parser.get_parsed_content("in_channels")), *patch)
+    write_onnx(network, window, out, onnx_description(parser, metadata or {}))
+    return out
+
+
+def onnx_description(parser: ConfigParser, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The preprocessing and the window pass the network was trained for, as plain values."""
+    keys = ("spacing", "modality", "labels", "ct_window", "ct_clip", "ct_mean", "ct_std", "zscore_nonzero",
+            "sw_overlap", "sw_blending", "patch_size", "slice_axis")  # fmt: skip
+    values = {key: parser.get_parsed_content(key) for key in keys}
+    intensity = ("ct_window", "ct_clip", "ct_mean", "ct_std", "zscore_nonzero")
+    return {
+        "bundle": parser.get_parsed_content("bundle_name"),
+        "version": metadata.get("version", ""),
+        "preprocessing": {
+            "orientation": "RAS", "spacing_mm": values["spacing"], "channels": values["modality"],
+            "intensity": {key: values[key] for key in intensity},
+            "note": "CT: clipped to ct_clip and z-scored with ct_mean/ct_std when set, else ct_window scaled "
+                    "to [0, 1]; other modalities: z-score over the non-zero voxels when zscore_nonzero",
+        },
+        "sliding_window": {"roi_size": values["patch_size"], "overlap": values["sw_overlap"],
+                           "blending": values["sw_blending"], "slice_axis": values["slice_axis"]},
+        "labels": {str(index): name for index, name in values["labels"].items()},
+    }  # fmt: skip
 
 
 def ship_scripts(bundle: Path) -> dict[str, str]:
@@ -308,7 +347,7 @@ def write_license(bundle: Path, metadata: Mapping[str, Any]) -> None:
 def write_large_files(bundle: Path) -> None:
     """``large_files.yml``: each weight file with its md5, or a placeholder saying where weights come from."""
     models = bundle / "models"
-    files = [models / name for name in ("model.pt", "model.ts") if (models / name).is_file()]
+    files = [models / name for name in ("model.pt", "model.ts", "model.onnx") if (models / name).is_file()]
     entries = [
         {"path": f"models/{f.name}", "url": "", "hash_val": _md5(f), "hash_type": "md5"} for f in files
     ]

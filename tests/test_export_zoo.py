@@ -27,6 +27,7 @@ from conftest import tiny
 
 from pipeline.data.datalist import cases
 from pipeline.export import export_bundle
+from pipeline.inference.runtimes import TOLERANCE, session
 from pipeline.workflows import available_bundles
 
 BUNDLE = "unet3d"
@@ -168,7 +169,7 @@ def test_a_trained_export_runs_with_monai_alone(
 ) -> None:
     bundle = export_bundle(BUNDLE, tmp_path / "bundle", checkpoint)
     entries = {entry["path"]: entry for entry in zoo_files(bundle)}
-    assert set(entries) == {"models/model.pt", "models/model.ts"}
+    assert set(entries) == {"models/model.pt", "models/model.ts", "models/model.onnx"}
     assert entries["models/model.pt"]["hash_val"] == md5(bundle / "models" / "model.pt")
     metadata = load(bundle / "configs" / "metadata.json")
     image = metadata["network_data_format"]["inputs"]["image"]
@@ -185,6 +186,9 @@ def test_a_trained_export_runs_with_monai_alone(
     scripted = torch.jit.load(str(bundle / "models" / "model.ts"))
     patch = torch.rand(1, 1, *image["spatial_shape"])
     assert scripted(patch).shape == (1, 3, *image["spatial_shape"])
+    onnx_run = session("onnxruntime", bundle / "models" / "model.onnx")
+    found = torch.softmax(torch.from_numpy(onnx_run(patch.numpy())), 1)
+    assert float((found - torch.softmax(scripted(patch), 1)).abs().max()) <= TOLERANCE
     for path in images:
         source = nib.load(path)
         prediction = nib.load(tmp_path / "predictions" / Path(path).name.replace(".nii.gz", "_seg.nii.gz"))

@@ -28,6 +28,7 @@ COMMANDS = (
     data.add_check_command,
     data.add_dicom2nifti_command,
     bundles.add_export_command,
+    bundles.add_export_onnx_command,
     runs.add_compare_command,
     data.add_plan_command,
     visualisation.add_overlay_commands,

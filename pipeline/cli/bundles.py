@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.demo import run_demo
-from pipeline.export import export_bundle
+from pipeline.export import export_bundle, export_onnx
 from pipeline.paths import WORKFLOW_FILES, run_options
 from pipeline.workflows import available_bundles, describe
 
@@ -51,6 +51,21 @@ def add_export_command(commands: argparse._SubParsersAction) -> None:
     export.add_argument("out_dir", metavar="OUT_DIR")
     export.add_argument("--checkpoint", metavar="FILE", help="weights to ship as models/model.pt")
     export.set_defaults(func=_export)
+
+
+def _export_onnx(args: argparse.Namespace) -> None:
+    print(export_onnx(args.bundle, args.checkpoint, args.out))
+
+
+def add_export_onnx_command(commands: argparse._SubParsersAction) -> None:
+    """``medseg export-onnx NAME CHECKPOINT OUT``."""
+    export = commands.add_parser(
+        "export-onnx", help="write the trained network as ONNX, its input and output in the file's metadata"
+    )
+    export.add_argument("bundle", metavar="NAME")
+    export.add_argument("checkpoint", metavar="CHECKPOINT")
+    export.add_argument("out", metavar="OUT", help="the .onnx file to write (not an existing one)")
+    export.set_defaults(func=_export_onnx)
 
 
 def _demo(args: argparse.Namespace) -> None:

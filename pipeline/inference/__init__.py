@@ -9,7 +9,7 @@ from typing import Any
 
 from monai.transforms import MapTransform
 
-from pipeline.inference import batch, weights  # noqa: F401 - named by the bundle configs
+from pipeline.inference import batch, runtimes, weights  # noqa: F401 - named by the bundle configs
 from pipeline.io.dicom import is_series_path, split_series_path
 from pipeline.io.dicom_seg import EmptySegmentationError, write_dicom_seg
 

@@ -17,6 +17,7 @@ from monai.bundle import ConfigParser
 from monai.inferers import Inferer
 
 from pipeline.bundle_parser import bundle_parser
+from pipeline.inference.runtimes import on_runtime
 from pipeline.io.checkpoint import load_network_weights
 from pipeline.networks import to_device
 
@@ -37,9 +38,11 @@ def space_of(parser: ConfigParser) -> str:
 
 
 def load_network(parser: ConfigParser, checkpoint: str, device: Any) -> torch.nn.Module:
-    """The member's network with its weights (``model.pt``, ``latest.pt`` or a bare state dict)."""
+    """The member's network with its weights (``model.pt``, ``latest.pt`` or a bare state dict), on
+    its runtime."""
     network = load_network_weights(parser.get_parsed_content("network_def"), checkpoint)
-    return to_device(network, device, parser.get_parsed_content("channels_last")).eval()
+    network = to_device(network, device, parser.get_parsed_content("channels_last")).eval()
+    return on_runtime(network, parser.get_parsed_content("runtime_used"), checkpoint)
 
 
 def load_members(
