@@ -24,6 +24,7 @@ from pipeline.bundle_parser import bundle_parser
 from pipeline.data.check import check_image, require_valid
 from pipeline.data.datalist import cases as datalist_cases
 from pipeline.inference.batch import CaseFailures, Failure, cases_to_segment
+from pipeline.inference.parallel import require_workers, segment_in_workers
 from pipeline.io.atomic import DiskFullError
 from pipeline.io.checkpoint import CheckpointError, load_network_weights, with_training_config
 from pipeline.io.dicom import SERIES_SEPARATOR, split_series_path
@@ -289,13 +290,17 @@ def infer(
     overrides: Mapping[str, Any] | None = None,
     tracking: bool = True,
     overwrite: bool = False,
+    nproc: int = 1,
 ) -> Path:
     """Segment the inputs into ``<output_dir>/<case>_seg.nii.gz``; returns ``output_dir``.
 
     Cases already segmented there are skipped unless ``overwrite``. A case that cannot be
     segmented is skipped and the others go on; ``CaseFailures`` then lists every failure. Each
     case's name is unique within all ``inputs`` (``cases_to_segment``), decided before any work.
+    With ``nproc`` > 1 the cases are split over that many worker processes (one per GPU, else CPU
+    processes sharing the cores: ``pipeline.inference.parallel``), tracked as one MLflow run.
     """
+    require_workers(nproc)  # before any data is read
     overrides = dict(overrides or {})
     overwrite = bool(overwrite or overrides.pop("overwrite", False))  # the flag, or the config key
     output_dir = Path(output_dir).resolve()
@@ -314,15 +319,26 @@ def infer(
         "checkpoint": str(Path(checkpoint).resolve()),
         "overwrite": overwrite,
     }
-    failed: list[Failure] = []
-    if usable:
-        try:
-            run_workflow(name, "inference", {**settings, **overrides}, tracking)
-        except CaseFailures as failures:
-            failed = failures.failures
+    failed = segment(name, usable, {**settings, **overrides}, tracking, nproc) if usable else []
     if refused or failed:
         raise CaseFailures(refused + failed, len(pending))
     return output_dir
+
+
+def segment(
+    name: str, cases: Sequence[Mapping[str, Any]], keys: Mapping[str, Any], tracking: bool, nproc: int
+) -> list[Failure]:
+    """The failures of segmenting ``cases`` (``keys``: the batch's config keys), in this process or
+    in ``nproc`` workers."""
+    if nproc > 1:
+        preflight_tracking(keys, tracking)
+        cases = [{**case, "image": absolute(case["image"])} for case in cases]
+        return segment_in_workers(name, cases, keys, nproc, tracking)
+    try:
+        run_workflow(name, "inference", keys, tracking)
+    except CaseFailures as failures:
+        return failures.failures
+    return []
 
 
 def evaluate(
@@ -359,12 +375,14 @@ def infer_ensemble(
     overrides: Mapping[str, Any] | None = None,
     tracking: bool = True,
     overwrite: bool = False,
+    nproc: int = 1,
 ) -> Path:
     """One segmentation per input from the mean softmax of several checkpoints (bundles or folds).
 
     The first member's inference workflow runs (its preprocessing, inversion and writing); every
     member brings its own network and sliding window (from its checkpoint's training config, beneath
-    ``overrides``), and must share the preprocessed space.
+    ``overrides``), and must share the preprocessed space. ``nproc`` splits the cases as ``infer``
+    does (each worker runs every member).
     """
     if not names or len(names) != len(checkpoints):
         raise ValueError(f"an ensemble needs one checkpoint per member: {list(names)}, {list(checkpoints)}")
@@ -374,4 +392,5 @@ def infer_ensemble(
     pairs = zip(names, checkpoints, strict=True)
     members = [{"bundle": name, "checkpoint": str(Path(path).resolve())} for name, path in pairs]
     settings = {"ensemble": members, "ensemble_overrides": overrides}
-    return infer(names[0], inputs, output_dir, checkpoints[0], {**overrides, **settings}, tracking, overwrite)
+    keys = {**overrides, **settings}
+    return infer(names[0], inputs, output_dir, checkpoints[0], keys, tracking, overwrite, nproc)

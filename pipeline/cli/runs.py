@@ -45,12 +45,13 @@ def _infer(args: argparse.Namespace) -> None:
     overrides = run_overrides(args)
     if args.dicom_seg:
         overrides["dicom_seg"] = True
+    options = {"overwrite": args.overwrite, "nproc": args.nproc}
     if args.ensemble:
         members = [(args.bundle, Path(checkpoint)), *ensemble_members(args.ensemble)]
         names, checkpoints = [name for name, _ in members], [path for _, path in members]
-        out = infer_ensemble(names, checkpoints, args.input, args.output, overrides, overwrite=args.overwrite)
+        out = infer_ensemble(names, checkpoints, args.input, args.output, overrides, **options)
     else:
-        out = infer(args.bundle, args.input, args.output, checkpoint, overrides, overwrite=args.overwrite)
+        out = infer(args.bundle, args.input, args.output, checkpoint, overrides, **options)
     print(f"segmentations: {out}")
 
 
@@ -141,6 +142,9 @@ def add_infer_command(commands: argparse._SubParsersAction) -> None:
         "--ensemble",
         metavar="BUNDLE[=CHECKPOINT],...",
         help="average the softmax of these checkpoints with the first bundle's (bundles or folds)",
+    )
+    infer.add_argument(
+        "--nproc", type=int, default=1, help="split the cases over N processes (one per GPU, else CPU cores)"
     )
     infer.set_defaults(func=_infer)
     _takes_overrides(infer, OVERRIDES_EPILOG)

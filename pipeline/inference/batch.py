@@ -9,17 +9,19 @@
   different folders never write one file.
 - A case that fails (reading, the network, post-processing or saving) is logged and skipped; the
   others go on, and the run ends listing every failure (``SkipFailedCases.raise_if_any`` raises
-  ``CaseFailures``: ``medseg infer`` exits with status 1).
+  ``CaseFailures``: ``medseg infer`` exits with status 1; a worker of ``--nproc`` also writes them to
+  its ``failures_file``, ``pipeline.inference.parallel``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from ignite.engine import Engine, Events
 from monai.data import FolderLayout, NibabelWriter
 
 from pipeline.data.datalist import image_cases
-from pipeline.io.atomic import TMP_SUFFIX, atomic_path, stale_temporaries
+from pipeline.io.atomic import TMP_SUFFIX, atomic_path, atomic_write, stale_temporaries
 from pipeline.io.dicom import is_series_path
 from pipeline.io.names import is_planar
 from pipeline.io.readers import CASE_SUFFIX, output_names, series_name_formatter
@@ -181,6 +183,17 @@ class CaseFailures(RuntimeError):
         super().__init__(f"{len(self.failures)} of {total} cases could not be segmented:\n{lines}")
 
 
+def write_failures(path: str | Path, failures: Sequence[Failure]) -> None:
+    """The failures as a JSON list, for the process that launched this one (``medseg infer --nproc``):
+    written atomically, so a file there means the run reached its end."""
+    with atomic_write(path) as handle:
+        handle.write(json.dumps([asdict(failure) for failure in failures], indent=1).encode())
+
+
+def read_failures(path: str | Path) -> list[Failure]:
+    return [Failure(**item) for item in json.loads(Path(path).read_text())]
+
+
 # A line "SomeError: message" of a traceback pasted into a message, and the wrappers to look through.
 RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$")
 WRAPPERS = ("applying transform", "Caught ")
@@ -257,8 +270,9 @@ class SkipFailedCases:
     metrics (evaluation): a skipped case would leave them misaligned, so ``enabled`` is off there.
     """
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, failures_file: str | Path | None = None) -> None:
         self.enabled = enabled
+        self.failures_file = failures_file
         self.failures: list[Failure] = []
         self.total = 0
 
@@ -291,6 +305,9 @@ class SkipFailedCases:
         return []
 
     def raise_if_any(self) -> None:
-        """At the end of the run (the workflow's ``finalize``): every failure, in one error."""
+        """At the end of the run (the workflow's ``finalize``): every failure, in one error, and in
+        ``failures_file`` when given, even when empty (a worker of ``medseg infer --nproc`` reports so)."""
+        if self.failures_file:
+            write_failures(self.failures_file, self.failures)
         if self.failures:
             raise CaseFailures(self.failures, self.total)
