@@ -4,9 +4,11 @@
 Full-size networks take seconds per 96^3 window on a CPU, so each inference times
 ``--sample-calls`` batches of windows for real and extrapolates the network's share to every window
 (the rest of the pipeline runs in full; see ``bench/sampling.py``). Training times iterations of
-``--train-patches`` patches for about ``--train-seconds`` after one warm-up.
+``--train-patches`` patches for about ``--train-seconds`` after one warm-up. ``--nnunet`` adds
+nnU-Net v2 (3d_fullres, no TTA, CPU) on the same volume, timed the same way (``bench/nnunet.py``).
 
     .venv/bin/python -m bench.run [--bundles unet3d resunet] [--quick] [--checkpoints outputs/compare-demo]
+                                  [--nnunet]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import nibabel as nib
 import torch
 
-from bench import baseline, machine, ours
+from bench import baseline, machine, nnunet, ours
 from bench.isolated import in_fresh_process
 from bench.large_image import large_image
 from bench.measure import dice, segmentation_of, training_seconds, window_flops
@@ -176,6 +178,8 @@ def bench_bundle(bundle: str, args: argparse.Namespace, image: str) -> dict[str,
     overrides = bundle_overrides(bundle, args.quick)
     work = args.work / bundle
     row = {"bundle": bundle, **inference_pair(bundle, args, image, work, overrides)}
+    if args.nnunet_result:
+        row.update(nnunet.row_fields(args.nnunet_result, row["inference_s_ours"]))
     settings = row.pop("_settings")
     row.update(training_pair(bundle, args, work, overrides, settings))
     row.update(dice_pair(bundle, args, work, settings))
@@ -189,7 +193,7 @@ COLUMNS = [
     ("inference_speedup", "speed-up"), ("dice_ours", "Dice ours"), ("dice_baseline", "Dice zoo"),
     ("forward_fraction_of_peak", "fwd/peak"), ("train_it_s_ours", "train it/s ours"),
     ("train_it_s_baseline", "train it/s zoo"), ("train_speedup", "train speed-up"),
-    ("data_overhead", "data overhead"), ("peak_mem_gib", "peak GiB"),
+    ("data_overhead", "data overhead"), ("peak_mem_gib", "peak GiB"), ("vs_nnunet", "nnU-Net s / ours"),
 ]  # fmt: skip
 
 
@@ -206,6 +210,8 @@ def table(results: dict) -> str:
     if any(row["inference_extrapolated"] for row in results["bundles"]):
         lines.append(f"Inference seconds extrapolated: {results['sample_calls']} batch(es) of windows timed "
                      "after a one-window warm-up, the network's share scaled to all windows.")  # fmt: skip
+    if results.get("nnunet"):
+        lines.append(nnunet.summary(results["nnunet"]))
     for row in results["scaling"].get("inference", []):
         lines.append(f"scaling {results['scaling']['bundle']}: {row}")
     for row in results["scaling"].get("cache", []):
@@ -231,6 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dice-datalist", type=Path, default=BENCH_DIR.parent / "data/mni_brain/datalist.json"
     )
+    parser.add_argument("--nnunet", action="store_true", help="add nnU-Net v2 (its own venv, made once)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument(
@@ -247,6 +254,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def nnunet_peer(args: argparse.Namespace, image: str) -> dict | None:
+    """nnU-Net on the bench's volume, once per run: one model serves every bundle's comparison."""
+    if not args.nnunet:
+        return None
+    threads = torch.get_num_threads()  # ours, so that neither side has more cores
+    return nnunet.peer(image, args.train_datalist, args.work / "nnunet", args.sample_calls, threads)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.machine = machine.describe(512 if args.quick else 3072)
@@ -257,6 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
                "bundles": [], "scaling": {}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
         args.work = Path(work)
+        args.nnunet_result = nnunet_peer(args, image)
+        if args.nnunet_result:
+            results["nnunet"] = args.nnunet_result
         for bundle in args.bundles:
             results["bundles"].append(bench_bundle(bundle, args, image))
             args.out.write_text(json.dumps(results, indent=2) + "\n")  # a long run keeps what it measured
