@@ -17,8 +17,8 @@ import torch
 class SampledNetwork(torch.nn.Module):
     """Wraps a network; ``sample_calls=None`` runs every call (for Dice), else only the first ones.
 
-    Before the first call, one window goes through untimed (allocations, kernel choice), so that
-    every real call counts towards the rate.
+    Before the first call, its batch of windows goes through untimed (allocations, kernel choice,
+    ONNX export; OpenVINO plans each new batch shape), so that every real call counts towards the rate.
     """
 
     def __init__(self, network: torch.nn.Module, sample_calls: int | None) -> None:
@@ -33,7 +33,7 @@ class SampledNetwork(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()
         if self._output is None:  # warm-up: left out of the rate, and out of the wall time by total_seconds
-            self._output = self.network(x[:1]).detach()
+            self._output = self.network(x)[:1].detach()  # the batch's shape: runtimes plan per shape
             self.network_seconds += time.perf_counter() - started
             started = time.perf_counter()
         self.windows += x.shape[0]

@@ -151,3 +151,29 @@ def test_export_onnx_writes_a_file_a_deployment_can_run_alone(
     assert float((found - expected).abs().max()) <= runtimes.TOLERANCE
     with pytest.raises(FileExistsError, match="exists"):
         export_onnx("unet3d", tiny_unet3d_checkpoint, out)
+
+
+def test_windows_one_at_a_time_give_the_batch_result(
+    phantom_datalist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtimes, "USER_CACHE", tmp_path)
+    model = network("attention_unet", phantom_datalist).eval()
+    windows = window_batch("attention_unet", 1, 3)
+    with torch.no_grad():
+        batched = RuntimeNetwork(model, "openvino")(windows)
+        single = RuntimeNetwork(model, "openvino", windows_per_call=1)(windows)
+    assert single.shape == batched.shape == (3, 3, 32, 32, 32)
+    assert float((torch.softmax(single, 1) - torch.softmax(batched, 1)).abs().max()) <= runtimes.TOLERANCE
+
+
+def test_no_worker_is_forked_after_an_onnx_runtime_ran_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers forked after OpenVINO's or ONNX Runtime's thread pools started crashed this test suite."""
+    import sys
+
+    from pipeline.training.distributed import fork_safe_workers
+
+    monkeypatch.delitem(sys.modules, "openvino", raising=False)
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    assert fork_safe_workers(3) == 3
+    monkeypatch.setitem(sys.modules, "onnxruntime", runtimes)
+    assert fork_safe_workers(3) == 0

@@ -41,8 +41,10 @@ def load_network(parser: ConfigParser, checkpoint: str, device: Any) -> torch.nn
     """The member's network with its weights (``model.pt``, ``latest.pt`` or a bare state dict), on
     its runtime."""
     network = load_network_weights(parser.get_parsed_content("network_def"), checkpoint)
-    network = to_device(network, device, parser.get_parsed_content("channels_last")).eval()
-    return on_runtime(network, parser.get_parsed_content("runtime_used"), checkpoint)
+    runtime = parser.get_parsed_content("runtime_used")
+    compiled = parser.get_parsed_content("compile") and runtime == "torch"
+    network = to_device(network, device, parser.get_parsed_content("channels_last"), compiled).eval()
+    return on_runtime(network, runtime, checkpoint)
 
 
 def load_members(

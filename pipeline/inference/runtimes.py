@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.io.atomic import atomic_path, atomic_write
+from pipeline.io.checkpoint import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +60,15 @@ def resolve_runtime(runtime: str, device: torch.device | str, cpu_default: str =
 
 
 def on_runtime(
-    network: torch.nn.Module, runtime: str, checkpoint: str | Path | None = None
+    network: torch.nn.Module,
+    runtime: str,
+    checkpoint: str | Path | None = None,
+    windows_per_call: int | None = None,
 ) -> torch.nn.Module:
     """``network`` itself for PyTorch, else a ``RuntimeNetwork`` around it."""
-    return network if runtime == "torch" else RuntimeNetwork(network, runtime, checkpoint)
-
-
-def plain_module(network: torch.nn.Module) -> torch.nn.Module:
-    """The network under a data-parallel wrapper and ``torch.compile`` (what ONNX export traces)."""
-    network = getattr(network, "module", network)
-    return getattr(network, "_orig_mod", network)
+    if runtime == "torch":
+        return network
+    return RuntimeNetwork(network, runtime, checkpoint, windows_per_call)
 
 
 def file_digest(path: Path) -> str:
@@ -116,7 +116,7 @@ def cache_folder(checkpoint: Path | None) -> Path:
 def export_onnx(network: torch.nn.Module, window: tuple[int, ...], path: Path) -> Path:
     """``network`` (in eval mode, on the CPU) as ONNX for windows of shape ``window`` = (C, *spatial),
     any number of windows a call; written atomically, so a crash leaves no half file under the name."""
-    module = plain_module(network).eval()
+    module = unwrap(network).eval()
     device = next(module.parameters()).device
     example = torch.zeros((1, *window), device=device)
     with warnings.catch_warnings():
@@ -163,6 +163,7 @@ def onnxruntime_session(path: Path, threads: int) -> Callable[[np.ndarray], np.n
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = False  # as fast, and a third of a GiB less on a 96^3 unet3d window
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
@@ -198,9 +199,7 @@ def softmax_difference(
     generator = torch.Generator().manual_seed(0)
     example = torch.randn((1, *window), generator=generator)
     with torch.no_grad():
-        expected = torch.softmax(
-            plain_module(network).eval()(example.to(_device_of(network))).float().cpu(), 1
-        )
+        expected = torch.softmax(unwrap(network).eval()(example.to(_device_of(network))).float().cpu(), 1)
     found = torch.softmax(torch.from_numpy(np.asarray(run(example.numpy()))).float(), 1)
     return float((found - expected).abs().max())
 
@@ -215,7 +214,7 @@ def checked_export(
     """The runtime's session on the cached (or new) export, or None when its softmax differs from
     PyTorch's by more than ``TOLERANCE``; and that difference. Each runtime's difference is kept in
     the export's metadata (``<name>.json``), so a later run checks nothing again."""
-    path = cache_folder(checkpoint) / export_name(plain_module(network), checkpoint, window)
+    path = cache_folder(checkpoint) / export_name(unwrap(network), checkpoint, window)
     if not path.is_file():
         logger.info("exporting the network to ONNX for %s windows of %s: %s", runtime, window, path.name)
         export_onnx(network, window, path)
@@ -261,11 +260,18 @@ class RuntimeNetwork(torch.nn.Module):
     """A network whose windows run through ONNX Runtime or OpenVINO; ``module`` is the PyTorch network
     (weights are loaded into it; it runs the windows itself when the runtime disagrees with it)."""
 
-    def __init__(self, module: torch.nn.Module, runtime: str, checkpoint: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        runtime: str,
+        checkpoint: str | Path | None = None,
+        windows_per_call: int | None = None,
+    ) -> None:
         super().__init__()
         self.module = module
         self.runtime = runtime
         self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.windows_per_call = windows_per_call  # None: the batch as the sliding window gives it
         self._runs: dict[tuple[int, ...], Callable[[np.ndarray], np.ndarray] | None] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -276,7 +282,9 @@ class RuntimeNetwork(torch.nn.Module):
         if run is None:
             return self.module(x)
         batch = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(np.asarray(run(batch))).to(x.device)
+        step = self.windows_per_call or len(batch)
+        logits = [np.asarray(run(batch[start : start + step])) for start in range(0, len(batch), step)]
+        return torch.from_numpy(np.concatenate(logits) if len(logits) > 1 else logits[0]).to(x.device)
 
     def _prepare(self, window: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray] | None:
         run, difference = checked_export(self.module, self.runtime, self.checkpoint, window)

@@ -7,15 +7,21 @@ the training cases, the keys the training's plan and the overrides that shaped i
 preprocessing, so a checkpoint copied anywhere still knows its classes, channels, network and
 preprocessing. Bare state dicts (older checkpoints, model-zoo bundles) and full training states
 (``latest.pt``) load as well.
+
+Saved weights always carry the bare network's own keys, whatever wrapped it while training
+(DistributedDataParallel, ``torch.compile``): ``unwrap`` is the one way to reach that network. Keys
+that a wrapper prefixed (``module.``, ``_orig_mod.``: older or foreign checkpoints) load too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from pipeline.io.atomic import atomic_write
 from pipeline.io.datalist_file import DATASET_INFO_FILE, read_json
@@ -23,6 +29,10 @@ from pipeline.io.datalist_file import DATASET_INFO_FILE, read_json
 NETWORK_KEY = "network"  # the network's state dict in a self-describing model.pt and in latest.pt
 DATASET_KEY = "dataset"  # the dataset facts (datalist header and training-case fingerprint)
 CONFIG_KEY = "config"  # config keys inference needs: the plan's and the network/preprocessing overrides
+# What wrappers put before every key of a network's state dict, nested in either order:
+# DistributedDataParallel's and DataParallel's `module.`, torch.compile's OptimizedModule `_orig_mod.`.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+DATA_PARALLEL = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
 
 
 class CheckpointError(RuntimeError):
@@ -63,16 +73,53 @@ def network_weights(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
     return network if isinstance(network, Mapping) else checkpoint
 
 
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The bare network under DistributedDataParallel/DataParallel and ``torch.compile``'s wrapper,
+    nested in either order: its state dict has the plain keys, so a checkpoint saved from a compiled or
+    multi-GPU training loads in an eager, single-process inference and in the model zoo.
+
+    A network compiled in place (``Module.compile()``, as ``pipeline.networks.to_device`` does) is
+    its own bare network. The wrapper of ``torch.compile(network)`` is recognised by its
+    ``_orig_mod`` rather than by its class, whose import would load TorchDynamo (seconds) in every
+    process.
+    """
+    while True:
+        if isinstance(network, DATA_PARALLEL):
+            network = network.module
+        elif isinstance(getattr(network, "_orig_mod", None), torch.nn.Module):
+            network = network._orig_mod
+        else:
+            return network
+
+
+def plain_keys(state: Mapping[str, Any], expected: Iterable[str]) -> Mapping[str, Any]:
+    """``state`` with the prefix a wrapper put before every key (``WRAPPER_PREFIXES``) taken off, one
+    at a time while its keys are not ``expected`` (the bare network's): weights saved from a compiled or
+    DDP network's own ``state_dict`` load into the bare one, and a network whose first module is itself
+    named ``module`` keeps its keys. ``state`` itself when nothing comes off."""
+    wanted = set(expected)
+    while state and set(state) != wanted:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state)), None)
+        if prefix is None:
+            break
+        stripped = OrderedDict(state)
+        if hasattr(state, "_metadata"):  # the modules' versions, which load_state_dict reads
+            stripped._metadata = OrderedDict(state._metadata)
+        consume_prefix_in_state_dict_if_present(stripped, prefix)
+        state = stripped
+    return state
+
+
 def load_network_weights(
     network: torch.nn.Module, checkpoint: str | Path, map_location: str | torch.device = "cpu"
 ) -> torch.nn.Module:
     """Load ``checkpoint``'s network weights into ``network`` and return it: the one loader of inference,
     evaluation, ensembles and the benchmark, so each accepts what the others accept (a ``model.pt``,
     a ``latest.pt`` of a training stopped early, a bare state dict). A network wrapped for data
-    parallelism gets them in its module; a file that is unreadable or does not fit is a
-    ``CheckpointError`` naming it and the first differing parameter."""
+    parallelism or compiled gets them in its bare network (``load_weights``); a file that is unreadable
+    or does not fit is a ``CheckpointError`` naming it and the first differing parameter."""
     state = network_weights(load_checkpoint(checkpoint, map_location))
-    load_weights(getattr(network, "module", network), state, checkpoint)
+    load_weights(network, state, checkpoint)
     return network
 
 
@@ -145,7 +192,10 @@ def mismatch(module: torch.nn.Module, state: Mapping[str, Any]) -> str | None:
 
 
 def load_weights(module: torch.nn.Module, state: Mapping[str, Any], source: str | Path) -> None:
-    """``module.load_state_dict(state)``, or a CheckpointError naming ``source`` and the first mismatch."""
+    """``state`` into the bare network of ``module`` (``unwrap``), its keys freed of wrappers' prefixes
+    (``plain_keys``), or a CheckpointError naming ``source`` and the first mismatch."""
+    module = unwrap(module)
+    state = plain_keys(state, module.state_dict().keys())
     problem = mismatch(module, state)
     if problem is None:
         try:

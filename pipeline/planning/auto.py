@@ -37,7 +37,7 @@ RUN_KEYS = frozenset(
     {
         "imports", "bundle_root", "output_dir", "ckpt_dir", "dataset_dir", "datalist", "dataset_info",
         "checkpoint", "device", "amp", "seed", "num_workers", "tracking_uri", "tracking_required",
-        "experiment_name", "bundle_name", "workflow_name", "run_name", "tracked_tags",
+        "experiment_name", "bundle_name", "workflow_name", "run_name", "tracked_tags", "compile", "runtime",
     }
 )  # fmt: skip
 EXPRESSION_PREFIXES = ("$", "@", "%")  # evaluated by MONAI's parser: meaningless outside this run

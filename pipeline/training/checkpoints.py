@@ -39,6 +39,7 @@ from pipeline.io.checkpoint import (
     load_weights,
     model_state,
     save_atomic,
+    unwrap,
 )
 from pipeline.training import rng
 from pipeline.training.distributed import is_main_process
@@ -57,11 +58,6 @@ logger = logging.getLogger(__name__)
 # Fired on the trainer just before a mid-epoch ``latest.pt``: handlers that buffer (the MLflow record)
 # send what the checkpoint covers, so a resume from it leaves no gap in their series.
 SAVING_MID_EPOCH = "saving_mid_epoch"
-
-
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The bare network under DistributedDataParallel/DataParallel, so checkpoints load anywhere."""
-    return getattr(network, "module", network)
 
 
 class TrainingCheckpoints:
@@ -242,7 +238,7 @@ class TrainingCheckpoints:
             require_same_dataset(
                 self.latest_path, checkpoint.get(DATASET_KEY), self.dataset, "this run's datalist"
             )
-        load_weights(unwrap(self.network), checkpoint["network"], self.latest_path)
+        load_weights(self.network, checkpoint["network"], self.latest_path)  # unwrapped there
         configured = [
             {k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups
         ]

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 
 def is_distributed() -> bool:
@@ -27,6 +30,27 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return torch.device("cpu")
+
+
+# Native thread pools that a forked data-loader worker inherits broken (OpenVINO's, ONNX Runtime's):
+# imported only when an inference has run its windows on them in this process.
+FORK_UNSAFE_MODULES = ("openvino", "onnxruntime")
+
+
+def fork_safe_workers(num_workers: int) -> int:
+    """``num_workers``, or none when this process has run OpenVINO or ONNX Runtime (an inference
+    before a training in one Python session: a notebook, a test run): workers forked after their
+    thread pools started crashed the process at their shutdown (seen: SIGSEGV, SIGABRT), so the
+    loading runs in this process then, slower but sound. A ``medseg`` command is one workflow per
+    process and keeps its workers."""
+    if num_workers > 0 and any(name in sys.modules for name in FORK_UNSAFE_MODULES):
+        logger.warning(
+            "an ONNX runtime has run in this process: data loading without worker processes (forking now "
+            "is unsafe); run the training in its own process to keep its %d workers",
+            num_workers,
+        )
+        return 0
+    return num_workers
 
 
 def data_loader_workers(cores: int | None = None) -> int:
