@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import hashlib
 import json
 import re
 import sys
@@ -28,7 +27,13 @@ from monai.bundle import ConfigParser
 from monai.data import save_net_with_metadata
 
 from pipeline.inference.runtimes import write_onnx
-from pipeline.io.checkpoint import dataset_facts, load_checkpoint, load_network_weights, saved_config
+from pipeline.io.checkpoint import (
+    dataset_facts,
+    file_digest,
+    load_checkpoint,
+    load_network_weights,
+    saved_config,
+)
 from pipeline.paths import DISTRIBUTION
 
 SCHEMA = (
@@ -349,21 +354,14 @@ def write_large_files(bundle: Path) -> None:
     models = bundle / "models"
     files = [models / name for name in ("model.pt", "model.ts", "model.onnx") if (models / name).is_file()]
     entries = [
-        {"path": f"models/{f.name}", "url": "", "hash_val": _md5(f), "hash_type": "md5"} for f in files
+        {"path": f"models/{f.name}", "url": "", "hash_val": file_digest(f, "md5"), "hash_type": "md5"}
+        for f in files
     ]
     header = WITH_WEIGHTS if files else NO_WEIGHTS
     entries = entries or [{"path": "models/model.pt", "url": "", "hash_val": "", "hash_type": "md5"}]
     (bundle / "large_files.yml").write_text(
         header + yaml.safe_dump({"large_files": entries}, sort_keys=False)
     )
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _own_version() -> str:

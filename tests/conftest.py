@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -28,6 +31,26 @@ PLANAR_INPUTS = {"patch_size": [32, 32], "spacing": [1.0, 1.0], "num_workers": 0
 def tiny(bundle: str) -> dict:
     inputs = PLANAR_INPUTS if bundle in PLANAR_BUNDLES else SMALL_INPUTS
     return {**inputs, **TINY_NETWORKS[bundle]}
+
+
+IN_OWN_PROCESS = "MEDSEG_TEST_IN_OWN_PROCESS"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """A test marked ``own_process`` runs in a fresh Python: one that signals its own process must not
+    depend on what earlier tests left in this one (runtimes' thread pools, handlers, process groups)."""
+    if pyfuncitem.get_closest_marker("own_process") is None or os.environ.get(IN_OWN_PROCESS):
+        return None
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid]
+    child = subprocess.run(
+        command, cwd=pyfuncitem.config.rootpath, env={**os.environ, IN_OWN_PROCESS: "1"},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if child.returncode != 0:
+        output = child.stdout[-4000:] + child.stderr[-2000:]
+        pytest.fail(f"in its own process (exit status {child.returncode}):\n{output}")
+    return True
 
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

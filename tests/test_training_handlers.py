@@ -173,6 +173,7 @@ def signal_during(trainer: SupervisedTrainer, iteration: int, signum: int) -> li
     return found
 
 
+@pytest.mark.own_process
 def test_sigterm_mid_epoch_stops_after_the_iteration_and_resumes_there(tmp_path: Path) -> None:
     before = signal.getsignal(signal.SIGTERM)
     trainer, _ = build_trainer(tmp_path, max_epochs=3, cases=8)  # 4 iterations per epoch
@@ -193,6 +194,7 @@ def test_sigterm_mid_epoch_stops_after_the_iteration_and_resumes_there(tmp_path:
     assert last_interruption() is None
 
 
+@pytest.mark.own_process
 def test_a_signal_in_an_epochs_last_iteration_lets_the_epoch_end(tmp_path: Path) -> None:
     trainer, validator = build_trainer(tmp_path, max_epochs=3)  # 2 iterations per epoch
     before = signal.getsignal(signal.SIGINT)  # Python's, or SIG_IGN in a background job (nohup)
@@ -206,6 +208,7 @@ def test_a_signal_in_an_epochs_last_iteration_lets_the_epoch_end(tmp_path: Path)
     assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.own_process
 def test_after_the_first_signal_a_second_one_kills_at_once(tmp_path: Path) -> None:
     trainer, _ = build_trainer(tmp_path, max_epochs=2, cases=8)
     found = signal_during(trainer, 1, signal.SIGTERM)

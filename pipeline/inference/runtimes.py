@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.io.atomic import atomic_path, atomic_write
-from pipeline.io.checkpoint import unwrap
+from pipeline.io.checkpoint import file_digest, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +69,6 @@ def on_runtime(
     if runtime == "torch":
         return network
     return RuntimeNetwork(network, runtime, checkpoint, windows_per_call)
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_digest(network: torch.nn.Module) -> str:

@@ -15,6 +15,7 @@ that a wrapper prefixed (``module.``, ``_orig_mod.``: older or foreign checkpoin
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -33,6 +34,16 @@ CONFIG_KEY = "config"  # config keys inference needs: the plan's and the network
 # DistributedDataParallel's and DataParallel's `module.`, torch.compile's OptimizedModule `_orig_mod.`.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 DATA_PARALLEL = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file read in 1 MiB blocks: names an export after its checkpoint, and is the
+    hash a bundle's ``large_files.yml`` lists."""
+    digest = hashlib.new(algorithm)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class CheckpointError(RuntimeError):
