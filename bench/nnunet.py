@@ -235,7 +235,8 @@ def peer(image: str, train_datalist: Path, work: Path, sample_calls: int, thread
     log(f"timing the inference of {Path(image).name}")
     result = predict(python, home, image, work, sample_calls, threads)
     setup = {key: None if value is None else round(value, 1) for key, value in setup.items()}
-    return {**result, "setup": setup, "checkpoint": str(checkpoint(home))}
+    # relative to the project: results.json is shared in notes, and an absolute path names the machine
+    return {**result, "setup": setup, "checkpoint": str(checkpoint(home).relative_to(ROOT))}
 
 
 def row_fields(result: Mapping[str, Any], ours_seconds: float) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Inference parses ``config_files(bundle, "inference")`` (what ``medseg infer`` and ``monai.bundle run``
 compose) and runs its evaluator; only the network is wrapped, to time and sample its windows.
-Training takes the train config's own data loader, network, optimizer and loss.
+Training takes the train config's own data loader, network, optimizer and the trainer's loss.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def training_parts(
     settings = {"datalist": str(datalist), "output_dir": str(workdir), "ckpt_dir": str(workdir / "models")}
     parser = bundle_parser(bundle, "train", {**settings, **overrides})
     set_determinism(seed=parser["seed"])
-    names = {"network": "network", "optimizer": "optimizer", "loss": "loss"}
+    names = {"network": "network", "optimizer": "optimizer", "loss": "train::loss"}  # deep supervision's too
     if loader:
         names["loader"] = "train::dataloader"
     return {name: parser.get_parsed_content(key) for name, key in names.items()}

@@ -177,6 +177,7 @@ def test_optional_tracking_goes_on_without_a_server(phantom_datalist: Path, tmp_
     assert (models / "latest.pt").is_file()
 
 
+@pytest.mark.long  # a minute: the server is stopped and its client's retries run out
 def test_losing_the_server_mid_run_keeps_training_and_reports_once(
     phantom_datalist: Path, tmp_path: Path
 ) -> None:

@@ -219,6 +219,32 @@ def test_after_the_first_signal_a_second_one_kills_at_once(tmp_path: Path) -> No
     assert found == [signal.SIG_DFL], "SIGINT too is left to the operating system: no Python code delays it"
 
 
+@pytest.mark.long  # a fresh interpreter for each runtime
+@pytest.mark.own_process
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_sigterm_after_a_cpu_runtime_segmented_in_this_process_still_checkpoints(
+    tmp_path: Path, runtime: str
+) -> None:
+    """A notebook segments with ONNX Runtime or OpenVINO, then trains: the runtime's thread pools must
+    leave SIGTERM to the training (a checkpoint, then the stop), not end or crash the process."""
+    pytest.importorskip(runtime, reason=f"the {runtime} package is not installed")
+    from pipeline.inference.runtimes import RuntimeNetwork
+
+    network = torch.nn.Conv3d(1, 2, 1).eval()
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    segmenter = RuntimeNetwork(network, runtime, tmp_path / "model.pt")
+    with torch.no_grad():
+        segmenter(torch.randn(2, 1, 8, 8, 8))
+    assert segmenter._runs[(1, 8, 8, 8)] is not None, f"the windows ran on {runtime}, not on PyTorch"
+
+    trainer, _ = build_trainer(tmp_path / "run", max_epochs=2, cases=8)
+    signal_during(trainer, 2, signal.SIGTERM)
+    trainer.run()
+    assert trainer.state.iteration == 2
+    assert load_checkpoint(tmp_path / "run" / "latest.pt")["trainer"]["iteration"] == 2
+    assert last_interruption().exit_status == 143
+
+
 def test_an_error_during_training_gives_the_signals_back(tmp_path: Path) -> None:
     trainer, _ = build_trainer(tmp_path, max_epochs=2)
 
