@@ -23,6 +23,7 @@ def sample_data_dir() -> Path:
     return demo.DATA_DIR
 
 
+@pytest.mark.long  # over a minute; every stage it runs is also tested on its own in make test
 def test_demo_runs_every_stage(
     sample_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -18,6 +18,7 @@ from monai.losses import DiceCELoss
 from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import Activationsd, AsDiscreted, Compose, RandFlipd, RandGaussianNoised
 
+from pipeline.inference.runtimes import RuntimeNetwork
 from pipeline.io.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from pipeline.training import ProgressLogger, TrainingCheckpoints
 from pipeline.training.interrupt import last_interruption
@@ -228,8 +229,6 @@ def test_sigterm_after_a_cpu_runtime_segmented_in_this_process_still_checkpoints
     """A notebook segments with ONNX Runtime or OpenVINO, then trains: the runtime's thread pools must
     leave SIGTERM to the training (a checkpoint, then the stop), not end or crash the process."""
     pytest.importorskip(runtime, reason=f"the {runtime} package is not installed")
-    from pipeline.inference.runtimes import RuntimeNetwork
-
     network = torch.nn.Conv3d(1, 2, 1).eval()
     torch.save(network.state_dict(), tmp_path / "model.pt")
     segmenter = RuntimeNetwork(network, runtime, tmp_path / "model.pt")

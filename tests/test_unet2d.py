@@ -19,12 +19,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import tiny, write_planar_dataset
+from monai.networks.nets import BasicUNet
 
 from pipeline.data.build import build_datalist
 from pipeline.data.check import check_case, check_datalist
 from pipeline.data.datalist import cases, label_names, label_values, pixel_classes
 from pipeline.io.checkpoint import load_checkpoint, network_weights
 from pipeline.io.readers import InputReader
+from pipeline.networks import RonnebergerUNet
 from pipeline.paths import PROJECT_ROOT, config_files, meta_files
 from pipeline.transforms import LabelValuesd
 from pipeline.workflows import LOGGING_FILE, bundle_parser, evaluate, infer, train
@@ -136,6 +138,32 @@ def test_evaluation_reports_dice_and_the_2d_measures(trained: Path, planar_datal
     means = summary["variants"]["postprocessed"]["summary"]["mean"]
     assert {"dice", "iou", "pixel_error", "rand_error"} <= set(means)
     assert 0.0 <= means["pixel_error"]["mean"] <= 1.0
+
+
+def test_the_2d_unet_pads_only_an_odd_edge_and_computes_what_basic_unet_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A no-op pad in every up-sampling step broke torch.compile's backward (bench.compile_speed)."""
+    torch.manual_seed(0)
+    features = (4, 8, 16, 32, 64)
+    ours = RonnebergerUNet(features=features).eval()
+    basic = BasicUNet(2, 1, 2, features=(*features, 4), act=("relu", {"inplace": True}),
+                      norm=("instance", {"affine": True}), dropout=0.0, upsample="deconv").eval()  # fmt: skip
+    basic.load_state_dict(
+        {key.replace("down_4.0.", "down_4."): value for key, value in ours.state_dict().items()}
+    )
+    pads: list[tuple[int, ...]] = []
+    original = torch.nn.functional.pad
+    monkeypatch.setattr(
+        torch.nn.functional, "pad", lambda x, pad, *a, **k: pads.append(pad) or original(x, pad, *a, **k)
+    )
+    with torch.no_grad():
+        for shape, padded in (((1, 1, 32, 48), 0), ((1, 1, 35, 45), 4)):  # an odd edge at every level
+            image = torch.randn(shape)
+            pads.clear()
+            segmented = ours(image)
+            assert len(pads) == padded, f"{shape}: {pads}"
+            assert torch.equal(segmented, basic(image)) and segmented.shape[2:] == shape[2:]
 
 
 @pytest.mark.parametrize("bundle", ["unet3d", "resunet", "attention_unet", "multiresunet", "unetr"])
