@@ -42,7 +42,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     depend on what earlier tests left in this one (runtimes' thread pools, handlers, process groups)."""
     if pyfuncitem.get_closest_marker("own_process") is None or os.environ.get(IN_OWN_PROCESS):
         return None
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid]
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", pyfuncitem.nodeid]
     child = subprocess.run(
         command, cwd=pyfuncitem.config.rootpath, env={**os.environ, IN_OWN_PROCESS: "1"},
         capture_output=True, text=True, timeout=600,
@@ -50,6 +50,9 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     if child.returncode != 0:
         output = child.stdout[-4000:] + child.stderr[-2000:]
         pytest.fail(f"in its own process (exit status {child.returncode}):\n{output}")
+    if " passed" not in child.stdout:  # it skipped there (a package missing): say so here, not "passed"
+        lines = child.stdout.strip().splitlines()
+        pytest.skip(f"in its own process: {next((line for line in lines if 'SKIPPED' in line), lines[-1])}")
     return True
 
 
